@@ -1,0 +1,71 @@
+"""The interface every compression method implements, in the project's vocabulary.
+
+unit     a piece of the model compressed as one (a sublayer, a block, a linear layer), named by a string
+level    an integer setting of a unit (0 = the method's reference level; e.g. kept / target sparsity / bits)
+profile  unit name -> level, for every unit
+cost     the budget a unit spends at a level (removed sublayers, pruned weights, bits)
+group    units of one group trade level steps at equal cost, so a level-switch mutation (one unit one step
+         up, another unit of the same group one step down) keeps the total budget exactly
+
+A compressor is bound to one live model (through its `ModelAdapter`): `apply` switches a unit to a level in
+place and is reversible, so the search moves one model between candidates by changing only the units that
+differ.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+
+Profile = dict[str, int]
+
+
+class Compressor(ABC):
+    method: str = ""
+
+    @abstractmethod
+    def units(self) -> list[str]:
+        """Every unit, in forward order."""
+
+    @abstractmethod
+    def levels(self, unit: str) -> list[int]:
+        """The levels this unit can take, ascending (a step is +-1 between neighbours)."""
+
+    @abstractmethod
+    def cost(self, unit: str, level: int) -> float:
+        """Budget spent by `unit` at `level` (e.g. removed units, pruned weights, bits x parameters)."""
+
+    @abstractmethod
+    def group(self, unit: str) -> str:
+        """Units of one group trade one level step for one level step at equal cost."""
+
+    @abstractmethod
+    def apply(self, unit: str, level: int) -> None:
+        """Put `unit` at `level` in the live model (in place, reversible)."""
+
+    @abstractmethod
+    def block_of(self, unit: str) -> int:
+        """Index of the first transformer block the unit lives in (for reusing the parent's prefix)."""
+
+    @abstractmethod
+    def initial_profile(self) -> Profile:
+        """A feasible profile at the budget this compressor was configured for (e.g. uniform)."""
+
+    def random_profile(self, rng: random.Random) -> Profile:
+        """A random feasible profile; the default walks randomly from `initial_profile` by level switches."""
+        from evopress.mutation import level_switch
+
+        profile = self.initial_profile()
+        for _ in range(4 * len(profile)):
+            profile = level_switch(self, profile, rng)
+        return profile
+
+    def total_cost(self, profile: Profile) -> float:
+        return sum(self.cost(u, lvl) for u, lvl in profile.items())
+
+    def apply_profile(self, profile: Profile, current: Profile | None = None) -> Profile:
+        """Apply every unit whose level differs from `current` (all units when `current` is None)."""
+        for unit, level in profile.items():
+            if current is None or current.get(unit) != level:
+                self.apply(unit, level)
+        return dict(profile)

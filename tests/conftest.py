@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random models built in the test (no download), and a tiny tokenizer-free token set."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_llama(num_layers: int = 4, hidden: int = 64, vocab: int = 128, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tiny_gpt_neox(num_layers: int = 3, hidden: int = 64, vocab: int = 128, seed: int = 0):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        use_parallel_residual=True,
+        attn_implementation="sdpa",
+    )
+    model = GPTNeoXForCausalLM(config).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def tokens():
+    """Random token ids [8, 32] in the tiny models' vocabulary."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (8, 32), generator=g)
