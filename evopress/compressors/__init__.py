@@ -1,0 +1,1 @@
+"""Compression methods: each module exposes `make(adapter, target, *, db, options) -> Compressor`."""
