@@ -74,7 +74,9 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module):
         model_type = model.config.model_type
-        require(model_type in FAMILIES, f"unsupported model type {model_type!r}; supported: {', '.join(FAMILIES)}")
+        require(
+            model_type in FAMILIES, f"unsupported model type {model_type!r}; supported: {', '.join(FAMILIES)}"
+        )
         self.model = model
         self.spec = FAMILIES[model_type]
         self.blocks: nn.ModuleList = _get(model, self.spec.layers)
@@ -88,7 +90,9 @@ class ModelAdapter:
 
     # --- sublayers -------------------------------------------------------------------------------------------
     def _attr(self, kind: str) -> str:
-        require(kind in SUBLAYER_KINDS, f"unknown sublayer kind {kind!r}; allowed: {', '.join(SUBLAYER_KINDS)}")
+        require(
+            kind in SUBLAYER_KINDS, f"unknown sublayer kind {kind!r}; allowed: {', '.join(SUBLAYER_KINDS)}"
+        )
         return self.spec.attn if kind == "attn" else self.spec.mlp
 
     def sublayer(self, block: int, kind: str) -> nn.Module:
@@ -156,7 +160,9 @@ class ModelAdapter:
         return captured["hidden"], captured["kwargs"]
 
     @torch.no_grad()
-    def run_blocks(self, hidden: torch.Tensor, kwargs: dict, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def run_blocks(
+        self, hidden: torch.Tensor, kwargs: dict, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
         end = self.num_blocks if end is None else end
         for i in range(start, end):
             out = self.blocks[i](hidden, **kwargs)

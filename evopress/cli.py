@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # help texts hold source syntax like hf:<ds>[/<cfg>], not markup
 )
 
 # Modules that add commands to `app` when imported (one per topic, so methods do not share a file).
@@ -27,10 +28,14 @@ COMMAND_MODULES: list[str] = []
 
 @app.command("prepare-model")
 def prepare_model_cmd(
-    source: str = typer.Option("embedded:smollm2-135m", help="embedded:<name>, a local HF folder, or hf:<org>/<name>"),
+    source: str = typer.Option(
+        "embedded:smollm2-135m", help="embedded:<name>, a local HF folder, or hf:<org>/<name>"
+    ),
     out: Path = typer.Option(Path("data/model"), help="folder to write the safetensors model into"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 (weights as saved)"),
-    trust_remote_code: bool = typer.Option(False, help="allow custom model code from the source (hub models)"),
+    trust_remote_code: bool = typer.Option(
+        False, help="allow custom model code from the source (hub models)"
+    ),
 ) -> None:
     """Load a base model from any source and save it once as a plain safetensors folder with its tokenizer."""
     from evopress.models import load_model, save_model
@@ -46,7 +51,9 @@ def prepare_model_cmd(
 @app.command("prepare-data")
 def prepare_data_cmd(
     model: Path = typer.Option(Path("data/model"), help="prepared model folder (its tokenizer is used)"),
-    source: str = typer.Option("builtin:pydoc", help="builtin:pydoc | file:<path-or-glob> | hf:<ds>[/<cfg>]:<split>[:<field>]"),
+    source: str = typer.Option(
+        "builtin:pydoc", help="builtin:pydoc | file:<path-or-glob> | hf:<ds>[/<cfg>]:<split>[:<field>]"
+    ),
     seq_len: int = typer.Option(512, help="tokens per sequence"),
     n_calibration: int = typer.Option(128, help="calibration sequences"),
     n_heldout: int = typer.Option(32, help="held-out sequences"),
@@ -62,7 +69,9 @@ def prepare_data_cmd(
     read_manifest(model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     max_context = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
-    spec = DataSpec(source=source, seq_len=seq_len, n_calibration=n_calibration, n_heldout=n_heldout, field=field)
+    spec = DataSpec(
+        source=source, seq_len=seq_len, n_calibration=n_calibration, n_heldout=n_heldout, field=field
+    )
     manifest = prepare_data(spec, tokenizer, out, max_context=max_context)
     typer.echo(
         f"wrote {out}: {manifest['calibration_tokens']} calibration and {manifest['heldout_tokens']} held-out "
@@ -78,7 +87,8 @@ def _register_command_modules() -> None:
 def main() -> None:
     _register_command_modules()
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False hands errors to us; it returns the exit code for --help and friends.
+        result = app(standalone_mode=False)
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
@@ -94,6 +104,7 @@ def main() -> None:
             err.show()
             sys.exit(err.exit_code)
         raise
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

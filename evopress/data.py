@@ -54,14 +54,18 @@ def read_documents(source: str, field: str = "text") -> list[str]:
 
 
 def _read_files(pattern: str, field: str) -> list[str]:
-    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True)) if any(c in pattern for c in "*?[") else [
-        Path(pattern)
-    ]
+    paths = (
+        sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+        if any(c in pattern for c in "*?[")
+        else [Path(pattern)]
+    )
     require(paths and all(p.is_file() for p in paths), f"no text file matches {pattern!r}")
     docs: list[str] = []
     for path in paths:
         suffix = path.suffix.lower()
-        require(suffix in FILE_SUFFIXES, f"unsupported text file {str(path)!r}; allowed suffixes: {FILE_SUFFIXES}")
+        require(
+            suffix in FILE_SUFFIXES, f"unsupported text file {str(path)!r}; allowed suffixes: {FILE_SUFFIXES}"
+        )
         if suffix == ".txt":
             docs += [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
         else:
@@ -83,7 +87,9 @@ def _read_records(path: Path, suffix: str, field: str) -> list[str]:
 
 def _read_hub(spec: str, default_field: str) -> list[str]:
     parts = spec.split(":")
-    require(len(parts) in (2, 3), f"bad hf source 'hf:{spec}'; expected hf:<dataset>[/<config>]:<split>[:<field>]")
+    require(
+        len(parts) in (2, 3), f"bad hf source 'hf:{spec}'; expected hf:<dataset>[/<config>]:<split>[:<field>]"
+    )
     name, split = parts[0], parts[1]
     field = parts[2] if len(parts) == 3 else default_field
     # A dataset id is org/name, so a config is a third path part: org/name/config.
@@ -123,7 +129,9 @@ def split_and_tokenize(docs: list[str], tokenizer, spec: DataSpec) -> tuple[torc
         f"((n_calibration {spec.n_calibration} + n_heldout {spec.n_heldout}) x seq_len {spec.seq_len}, "
         "split on whole documents); ask for fewer or shorter sequences",
     )
-    return _chunk(calib_ids, spec.n_calibration, spec.seq_len), _chunk(heldout_ids, spec.n_heldout, spec.seq_len)
+    return _chunk(calib_ids, spec.n_calibration, spec.seq_len), _chunk(
+        heldout_ids, spec.n_heldout, spec.seq_len
+    )
 
 
 def _chunk(ids: list[int], n: int, seq_len: int) -> torch.Tensor:

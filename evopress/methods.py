@@ -30,10 +30,15 @@ def needs_database(method: str) -> bool:
     return METHODS[method][2]
 
 
-def make_compressor(method: str, adapter, target: float, *, db: Path | None = None, options: dict | None = None):
+def make_compressor(
+    method: str, adapter, target: float, *, db: Path | None = None, options: dict | None = None
+):
     check_method(method)
     if needs_database(method):
-        require(db is not None, f"method {method!r} needs a level database (--db); build it with `evopress build-db`")
+        require(
+            db is not None,
+            f"method {method!r} needs a level database (--db); build it with `evopress build-db`",
+        )
     module = importlib.import_module(METHODS[method][0])
     return module.make(adapter, target, db=db, options=options or {})
 

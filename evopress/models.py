@@ -80,13 +80,19 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_source(source)
-    kwargs = {"dtype": parse_dtype(dtype), "attn_implementation": "sdpa", "trust_remote_code": trust_remote_code}
+    kwargs = {
+        "dtype": parse_dtype(dtype),
+        "attn_implementation": "sdpa",
+        "trust_remote_code": trust_remote_code,
+    }
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     try:
         model = AutoModelForCausalLM.from_pretrained(src.location, **kwargs)
         tok_kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(src.location, trust_remote_code=trust_remote_code, **tok_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            src.location, trust_remote_code=trust_remote_code, **tok_kwargs
+        )
     except OSError as err:
         if src.kind == "hub":
             raise UserError(f"cannot load hub model {src.location!r} (is the hub reachable?): {err}") from err
@@ -131,7 +137,9 @@ def save_model(model, tokenizer, out_dir: Path, source: str) -> dict:
 
 def read_manifest(model_dir: Path) -> dict:
     path = Path(model_dir) / MANIFEST
-    require(path.exists(), f"{model_dir} is not a prepared model (no {MANIFEST}); run `evopress prepare-model`")
+    require(
+        path.exists(), f"{model_dir} is not a prepared model (no {MANIFEST}); run `evopress prepare-model`"
+    )
     return json.loads(path.read_text())
 
 

@@ -27,7 +27,9 @@ def level_switch(comp: Compressor, profile: Profile, rng: random.Random) -> Prof
     rng.shuffle(raisable)
     for up in raisable:
         group = comp.group(up)
-        partners = [u for u in units if u != up and comp.group(u) == group and _can_lower(comp, u, profile[u])]
+        partners = [
+            u for u in units if u != up and comp.group(u) == group and _can_lower(comp, u, profile[u])
+        ]
         if partners:
             down = rng.choice(partners)
             child = dict(profile)

@@ -55,3 +55,28 @@ def tokens():
     """Random token ids [8, 32] in the tiny models' vocabulary."""
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 128, (8, 32), generator=g)
+
+
+def char_tokenizer():
+    """A byte-level tokenizer built in memory (no download): one token per byte, eos = 256."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"<{i}>": i for i in range(256)}
+    vocab["</s>"] = 256
+    inner = Tokenizer(models.WordLevel(vocab=vocab, unk_token="</s>"))
+    inner.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+
+    class Bytes(PreTrainedTokenizerFast):
+        def __call__(self, text, add_special_tokens=False, **kwargs):
+            return {"input_ids": list(text.encode("utf-8"))}
+
+        def __len__(self):
+            return 257
+
+    return Bytes(tokenizer_object=inner, eos_token="</s>")
+
+
+@pytest.fixture
+def tokenizer():
+    return char_tokenizer()

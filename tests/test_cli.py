@@ -1,0 +1,92 @@
+"""CLI user errors: one line on stderr, exit status 2, no traceback."""
+
+import sys
+
+import pytest
+import torch
+
+from conftest import char_tokenizer, tiny_llama
+from evopress import cli
+
+
+def run_cli(monkeypatch, capsys, *args):
+    capsys.readouterr()  # drop what fixtures printed
+    monkeypatch.setattr(sys, "argv", ["evopress", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+@pytest.fixture
+def saved_tiny_model(tmp_path):
+    """A tiny Llama prepared like `evopress prepare-model` would (from a local folder source)."""
+    from evopress.models import load_model, save_model
+
+    src = tmp_path / "src"
+    tiny_llama().save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    model, tok = load_model(str(src))
+    save_model(model, tok, tmp_path / "model", str(src))
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prepare-model", "--source", "nowhere"], "unknown model source 'nowhere'"),
+        (["prepare-model", "--source", "embedded:gpt5"], "unknown embedded model 'gpt5'"),
+        (["prepare-model", "--dtype", "int3"], "unknown dtype 'int3'"),
+        (["prepare-data", "--model", "/no/model"], "/no/model is not a prepared model"),
+    ],
+)
+def test_bad_input_is_one_line_error(monkeypatch, capsys, args, message):
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_prepare_data_errors_on_the_prepared_model(monkeypatch, capsys, saved_tiny_model, tmp_path):
+    model = str(saved_tiny_model)
+    cases = [
+        (["--seq-len", "100000"], "seq_len 100000 exceeds the model's context 256"),
+        (["--seq-len", "64", "--source", "file:/missing.txt"], "no text file matches '/missing.txt'"),
+        (["--seq-len", "64", "--source", "ftp:x"], "unknown text source 'ftp:x'"),
+        (["--seq-len", "64", "--n-calibration", "100000"], "too little text"),
+    ]
+    for extra, message in cases:
+        code, _, err = run_cli(
+            monkeypatch, capsys, "prepare-data", "--model", model, "--out", str(tmp_path / "t"), *extra
+        )
+        assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_prepare_model_from_folder_round_trips(monkeypatch, capsys, saved_tiny_model, tmp_path):
+    code, out, _ = run_cli(
+        monkeypatch,
+        capsys,
+        "prepare-model",
+        "--source",
+        str(saved_tiny_model),
+        "--out",
+        str(tmp_path / "again"),
+    )
+    assert code in (0, None) and "2 blocks" not in out and "4 blocks" in out
+    from evopress.models import load_model
+
+    a, _ = load_model(str(saved_tiny_model))
+    b, _ = load_model(str(tmp_path / "again"))
+    ids = torch.arange(16).view(1, 16)
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_every_command_has_help(monkeypatch, capsys):
+    cli._register_command_modules()
+    import typer.main
+
+    group = typer.main.get_command(cli.app)
+    for name in group.commands:
+        code, out, _ = run_cli(monkeypatch, capsys, name, "--help")
+        assert code == 0 and "Usage" in out

@@ -1,0 +1,78 @@
+"""Text sources, the deterministic split with no shared text, and their one-line errors."""
+
+import json
+
+import pytest
+import torch
+
+from evopress.data import DataSpec, load_tokens, prepare_data, read_documents, split_and_tokenize
+from evopress.errors import UserError
+
+
+def _docs(n=40):
+    return [f"document number {i}: " + "lorem ipsum " * (5 + i % 7) for i in range(n)]
+
+
+def test_split_has_no_shared_document_and_is_deterministic(tokenizer):
+    spec = DataSpec(seq_len=16, n_calibration=20, n_heldout=10)
+    docs = _docs()
+    cal1, held1 = split_and_tokenize(docs, tokenizer, spec)
+    cal2, held2 = split_and_tokenize(
+        list(reversed(docs)), tokenizer, spec
+    )  # order of the source does not matter
+    assert torch.equal(cal1, cal2) and torch.equal(held1, held2)
+    assert cal1.shape == (20, 16) and held1.shape == (10, 16)
+    cal_text = bytes(cal1.flatten().clamp_max(255).tolist()).decode("utf-8", "ignore")
+    held_text = bytes(held1.flatten().clamp_max(255).tolist()).decode("utf-8", "ignore")
+    numbers = lambda text: {
+        int(part.split(":")[0]) for part in text.split("number ")[1:] if part.split(":")[0].isdigit()
+    }  # noqa: E731
+    assert numbers(cal_text) and numbers(held_text)
+    assert not numbers(cal_text) & numbers(held_text)
+
+
+def test_too_little_text_names_the_sizes(tokenizer):
+    with pytest.raises(UserError, match=r"too little text.*n_calibration 1000"):
+        split_and_tokenize(_docs(), tokenizer, DataSpec(seq_len=16, n_calibration=1000, n_heldout=2))
+
+
+def test_file_sources_txt_jsonl_parquet(tmp_path):
+    import pandas as pd
+
+    (tmp_path / "a.txt").write_text("first paragraph\n\nsecond paragraph\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"body": "x"}) + "\n" + json.dumps({"body": "y"}) + "\n")
+    pd.DataFrame({"body": ["p", "q", "r"]}).to_parquet(tmp_path / "c.parquet")
+    assert read_documents(f"file:{tmp_path}/a.txt") == ["first paragraph", "second paragraph"]
+    assert read_documents(f"file:{tmp_path}/b.jsonl", field="body") == ["x", "y"]
+    assert read_documents(f"file:{tmp_path}/c.parquet", field="body") == ["p", "q", "r"]
+    with pytest.raises(UserError, match="unknown field 'text'.*body"):
+        read_documents(f"file:{tmp_path}/b.jsonl")
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("file:/no/such/file.txt", "no text file matches '/no/such/file.txt'"),
+        ("web:http://x", "unknown text source 'web:http://x'; allowed: builtin:pydoc"),
+        ("hf:only-a-name", "bad hf source"),
+    ],
+)
+def test_bad_sources_are_one_line_errors(source, message):
+    with pytest.raises(UserError, match=message):
+        read_documents(source)
+
+
+def test_builtin_pydoc_is_real_prose():
+    docs = read_documents("builtin:pydoc")
+    assert len(docs) > 50 and sum(map(len, docs)) > 300_000
+
+
+def test_prepare_data_writes_tokens_and_manifest(tmp_path, tokenizer):
+    spec = DataSpec(seq_len=64, n_calibration=8, n_heldout=4)
+    manifest = prepare_data(spec, tokenizer, tmp_path, max_context=128)
+    assert load_tokens(tmp_path, "calibration").shape == (8, 64)
+    assert load_tokens(tmp_path, "heldout").shape == (4, 64)
+    on_disk = json.loads((tmp_path / "data.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest)) and len(on_disk["sha256"]) == 2
+    with pytest.raises(UserError, match="seq_len 256 exceeds the model's context 128"):
+        prepare_data(DataSpec(seq_len=256), tokenizer, tmp_path, max_context=128)

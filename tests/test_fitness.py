@@ -1,0 +1,66 @@
+"""KL and perplexity on a tiny random Llama."""
+
+import copy
+
+import pytest
+import torch
+
+from evopress.adapter import ModelAdapter
+from evopress.fitness import DenseReference, mean_kl, perplexity
+
+
+def _perturbed(model, scale=0.05, seed=3):
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    for p in other.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
+    return other
+
+
+def test_kl_is_zero_for_identical_model(llama, tokens):
+    adapter = ModelAdapter(llama)
+    for topk in (None, 16):
+        ref = DenseReference.build(adapter, tokens, topk=topk, batch_size=3)
+        assert mean_kl(adapter, tokens, ref, batch_size=5) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_full_kl_matches_float64_direct(llama, tokens):
+    other = _perturbed(llama)
+    ref = DenseReference.build(ModelAdapter(llama), tokens, topk=None)
+    got = mean_kl(ModelAdapter(other), tokens, ref, batch_size=3)
+
+    with torch.no_grad():
+        p = torch.log_softmax(llama.double()(tokens).logits, -1)
+        q = torch.log_softmax(other.double()(tokens).logits, -1)
+    direct = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert direct > 1e-4  # the perturbation is visible
+    assert got == pytest.approx(direct, rel=1e-4)
+
+
+def test_topk_kl_approaches_full_kl_from_below(llama, tokens):
+    adapter_other = ModelAdapter(_perturbed(llama))
+    dense = ModelAdapter(llama)
+    full = mean_kl(adapter_other, tokens, DenseReference.build(dense, tokens, topk=None))
+    gaps = []
+    for k in (2, 8, 32, 128):  # 128 = the whole tiny vocabulary
+        approx = mean_kl(adapter_other, tokens, DenseReference.build(dense, tokens, topk=k))
+        assert approx <= full + 1e-6  # coarsening never increases KL
+        gaps.append(full - approx)
+    assert gaps == sorted(gaps, reverse=True)
+    assert gaps[-1] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_subset_rows_and_batching_agree(llama, tokens):
+    other = ModelAdapter(_perturbed(llama))
+    ref = DenseReference.build(ModelAdapter(llama), tokens, topk=32)
+    rows = torch.tensor([1, 4, 6])
+    a = mean_kl(other, tokens, ref, rows=rows, batch_size=1)
+    b = mean_kl(other, tokens, ref, rows=rows, batch_size=8)
+    assert a == pytest.approx(b, rel=1e-5)
+    assert a != pytest.approx(mean_kl(other, tokens, ref), rel=1e-3)
+
+
+def test_perplexity_matches_model_loss(llama, tokens):
+    with torch.no_grad():
+        loss = llama(tokens, labels=tokens).loss
+    assert perplexity(ModelAdapter(llama), tokens, batch_size=3) == pytest.approx(loss.exp().item(), rel=1e-4)
