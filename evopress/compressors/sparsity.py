@@ -1,0 +1,346 @@
+"""Unstructured sparsity: every linear of every block is a unit; its levels are SparseGPT prunings from a database.
+
+Level grid (the authors'): level l of a linear with n weights prunes `base + l * step` weights, base =
+round(target * n), and `step` is one count of weights for *every* linear, so any level switch (one linear up,
+another down) keeps the number of pruned weights, hence the parameter-weighted average sparsity, exact.
+step = round(0.5 * min(s, 1 - s) / num_levels * hidden^2); levels -num_levels..num_levels, minus those a linear
+cannot hold (below 0 or above `max_sparsity` of its weights). Budget = pruned weights of the block linears;
+the average sparsity is that over their parameter count (embeddings and head stay dense).
+
+`build_database` prunes block by block: Hessians come from the block's inputs in the dense model (the
+authors' choice: a database holds many levels per linear, so there is no single pruned upstream model) or,
+with `inputs=uniform`, from the model pruned uniformly at the target so far (SparseGPT's sequential mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from evopress.adapter import ModelAdapter
+from evopress.compressors.base import Compressor, Profile
+from evopress.database import DatabaseSpec, LevelDatabase
+from evopress.errors import require
+from evopress.sparsegpt import HessianAccumulator, inverse_cholesky, magnitude_prune, prune_counts
+
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+INPUTS = ("dense", "uniform")
+WEIGHTS = ("sparsegpt", "magnitude")
+
+
+@dataclass(frozen=True)
+class SparsityOptions:
+    num_levels: int = 8  # levels -num_levels..num_levels (authors: 8)
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    blocksize: int = 128  # columns per mask block
+    n_samples: int = 128  # calibration sequences for the Hessians
+    inputs: str = "dense"  # dense | uniform
+    max_sparsity: float = 0.99
+    storage: str = "float16"  # dtype of the level files (float16: half the disk, ~1e-3 relative rounding)
+    batch_size: int = 8
+    weights: str = "sparsegpt"  # sparsegpt (from the database) | magnitude (computed from the dense weights)
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> SparsityOptions:
+        options = dict(options or {})
+        allowed = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - allowed - {"model_sha256", "target"})
+        require(not unknown, f"unknown sparsity options {unknown}; allowed: {', '.join(sorted(allowed))}")
+        kw = {k: type(getattr(cls(), k))(v) for k, v in options.items() if k in allowed}
+        opts = cls(**kw)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        require(0 <= self.num_levels <= 64, f"num_levels={self.num_levels} outside 0..64")
+        require(0 < self.damp < 1, f"damp={self.damp} outside (0, 1)")
+        require(self.blocksize >= 1, f"blocksize={self.blocksize} must be >= 1")
+        require(self.n_samples >= 1, f"n_samples={self.n_samples} must be >= 1")
+        require(self.inputs in INPUTS, f"inputs={self.inputs!r}; allowed: {', '.join(INPUTS)}")
+        require(0 < self.max_sparsity < 1, f"max_sparsity={self.max_sparsity} outside (0, 1)")
+        require(
+            self.storage in STORAGE_DTYPES, f"storage={self.storage!r}; allowed: {', '.join(STORAGE_DTYPES)}"
+        )
+        require(self.weights in WEIGHTS, f"weights={self.weights!r}; allowed: {', '.join(WEIGHTS)}")
+
+    def build_params(self, target: float) -> dict:
+        """What a database depends on (checked when it is reused); `weights` and `batch_size` are not."""
+        params = asdict(self)
+        del params["weights"], params["batch_size"]
+        return {"target": target, **params}
+
+
+def check_target(target: float) -> float:
+    require(
+        isinstance(target, int | float) and 0 < float(target) < 1,
+        f"sparsity target {target!r} outside (0, 1) (average fraction of pruned weights)",
+    )
+    return float(target)
+
+
+# --- the level grid ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LevelGrid:
+    step: int
+    base: dict[str, int]  # unit -> pruned weights at level 0
+    levels: dict[str, list[int]]
+    sizes: dict[str, int]
+
+    def pruned(self, unit: str, level: int) -> int:
+        return self.base[unit] + level * self.step
+
+
+def level_grid(sizes: dict[str, int], hidden: int, target: float, opts: SparsityOptions) -> LevelGrid:
+    step = max(1, round(0.5 * min(target, 1 - target) / max(opts.num_levels, 1) * hidden**2))
+    base = {u: round(target * n) for u, n in sizes.items()}
+    levels = {
+        u: [
+            lvl
+            for lvl in range(-opts.num_levels, opts.num_levels + 1)
+            if 0 <= base[u] + lvl * step <= opts.max_sparsity * n
+        ]
+        for u, n in sizes.items()
+    }
+    return LevelGrid(step=step, base=base, levels=levels, sizes=dict(sizes))
+
+
+def linear_sizes(adapter: ModelAdapter) -> dict[str, tuple[int, int]]:
+    return {
+        f"block.{i}.{name}": tuple(lin.weight.shape)
+        for i in range(adapter.num_blocks)
+        for name, lin in adapter.linears(i).items()
+    }
+
+
+def hidden_size(adapter: ModelAdapter) -> int:
+    return int(adapter.model.config.hidden_size)
+
+
+def database_spec(
+    adapter: ModelAdapter, model_sha256: str, target: float, opts: SparsityOptions
+) -> DatabaseSpec:
+    shapes = linear_sizes(adapter)
+    grid = level_grid({u: r * c for u, (r, c) in shapes.items()}, hidden_size(adapter), target, opts)
+    units = {u: {"levels": grid.levels[u], "shapes": {"weight": list(shapes[u])}} for u in shapes}
+    return DatabaseSpec(model_sha256, "sparsity", opts.build_params(target), units)
+
+
+def split_unit(unit: str) -> tuple[int, str]:
+    _, block, name = unit.split(".", 2)
+    return int(block), name
+
+
+def model_sha256_of(adapter: ModelAdapter, options: dict) -> str:
+    """The prepared model's checksum: from options, else from the manifest of the folder it was loaded from."""
+    if options.get("model_sha256"):
+        return str(options["model_sha256"])
+    from evopress.models import read_manifest
+
+    return read_manifest(Path(adapter.model.config._name_or_path))["sha256"]
+
+
+# --- the compressor ------------------------------------------------------------------------------------------
+class SparsityCompressor(Compressor):
+    method = "sparsity"
+
+    def __init__(self, adapter: ModelAdapter, target: float, db: LevelDatabase | None, opts: SparsityOptions):
+        self.adapter = adapter
+        self.target = target
+        self.db = db
+        self.opts = opts
+        shapes = linear_sizes(adapter)
+        self.grid = level_grid({u: r * c for u, (r, c) in shapes.items()}, hidden_size(adapter), target, opts)
+        self._dense: dict[str, torch.Tensor] = {}
+        if opts.weights == "magnitude":  # keep the dense weights: magnitude levels are computed from them
+            self._dense = {u: self._linear(u).weight.detach().clone() for u in shapes}
+
+    def _linear(self, unit: str) -> torch.nn.Linear:
+        block, name = split_unit(unit)
+        return self.adapter.linear(block, name)
+
+    def units(self) -> list[str]:
+        return list(self.grid.levels)
+
+    def levels(self, unit: str) -> list[int]:
+        return self.grid.levels[unit]
+
+    def cost(self, unit: str, level: int) -> float:
+        return float(self.grid.pruned(unit, level))
+
+    def group(self, unit: str) -> str:
+        return "linears"
+
+    def block_of(self, unit: str) -> int:
+        return split_unit(unit)[0]
+
+    def initial_profile(self) -> Profile:
+        return {u: 0 for u in self.units()}
+
+    def total_params(self) -> int:
+        return sum(self.grid.sizes.values())
+
+    def sparsity(self, profile: Profile) -> float:
+        """Parameter-weighted average sparsity of the block linears under `profile`."""
+        return self.total_cost(profile) / self.total_params()
+
+    def weight(self, unit: str, level: int) -> torch.Tensor:
+        require(level in self.levels(unit), f"level {level} of {unit!r} outside {self.levels(unit)}")
+        if self.opts.weights == "magnitude":
+            return magnitude_prune(self._dense[unit], self.grid.pruned(unit, level))
+        return self.db.load(unit, level)["weight"]
+
+    @torch.no_grad()
+    def apply(self, unit: str, level: int) -> None:
+        self._linear(unit).weight.copy_(self.weight(unit, level))
+
+
+def make(adapter: ModelAdapter, target: float, *, db=None, options: dict | None = None) -> SparsityCompressor:
+    """A compressor over a built database; the database must match this model, target and level options."""
+    target = check_target(target)
+    options = dict(options or {})
+    opts = SparsityOptions.from_dict(options)
+    if opts.weights == "magnitude":  # the floor baseline needs no database
+        return SparsityCompressor(adapter, target, None, opts)
+    require(db is not None, "sparsity needs a level database (--db); build it with `evopress build-db`")
+    database = db if isinstance(db, LevelDatabase) else LevelDatabase.open(Path(db))
+    # options not given explicitly are taken from the database, so `--db` alone is enough
+    stored = {k: v for k, v in database.params.items() if k != "target"}
+    merged = SparsityOptions.from_dict({**stored, **{k: v for k, v in options.items() if k in stored}})
+    merged = SparsityOptions(**{**asdict(merged), "weights": opts.weights, "batch_size": opts.batch_size})
+    spec = database_spec(adapter, model_sha256_of(adapter, options), target, merged)
+    database.require_matches(spec)
+    return SparsityCompressor(adapter, target, database, merged)
+
+
+# --- building the database -----------------------------------------------------------------------------------
+def _collect_hessians(adapter, block, hidden, kwargs, batch_size):
+    """Run one block on `hidden` with hooks: X^T X per linear (linears fed the same tensor share one) + outputs."""
+    linears = adapter.linears(block)
+    accs: dict[str, HessianAccumulator] = {}
+    alias: dict[str, str] = {}
+    last = {"x": None, "name": None}
+
+    def hook_for(name):
+        def hook(_module, args):
+            x = args[0]
+            if last["x"] is x:  # q/k/v (gate/up) see the same tensor: one Hessian for all of them
+                alias[name] = last["name"]
+                return
+            last["x"], last["name"] = x, name
+            accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(hook_for(name)) for name, lin in linears.items()]
+    try:
+        outs = [adapter.run_blocks(h, kwargs, block, block + 1) for h in hidden.split(batch_size)]
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: accs[alias.get(name, name)].hessian for name in linears}, torch.cat(outs)
+
+
+def _run_block(adapter, block, hidden, kwargs, batch_size):
+    return torch.cat([adapter.run_blocks(h, kwargs, block, block + 1) for h in hidden.split(batch_size)])
+
+
+def _prune_block(db, adapter, grid, block, hessians, opts, todo):
+    storage = STORAGE_DTYPES[opts.storage]
+    for name, lin in adapter.linears(block).items():
+        unit = f"block.{block}.{name}"
+        levels = [lvl for lvl in grid.levels[unit] if (unit, lvl) in todo]
+        if not levels:
+            continue
+        u = inverse_cholesky(hessians[name], opts.damp)
+        pruned = prune_counts(lin.weight, u, [grid.pruned(unit, lvl) for lvl in levels], opts.blocksize)
+        for lvl, w in zip(levels, pruned, strict=True):
+            w = w.to(storage)
+            assert int((w == 0).sum()) >= grid.pruned(unit, lvl)
+            db.write(unit, lvl, {"weight": w}, flush=False)
+        db.flush()
+
+
+def _progress(iterable, total, desc):
+    import sys
+
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc)
+
+
+@torch.no_grad()
+def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict) -> LevelDatabase:
+    """Prune every linear of the prepared model to every level of the grid; resumable; returns the database."""
+    from evopress.data import load_tokens
+    from evopress.models import load_model, read_manifest
+
+    options = dict(options)
+    require("target" in options, "build-db --method sparsity needs --option target=<sparsity in (0, 1)>")
+    target = check_target(float(options.pop("target")))
+    opts = SparsityOptions.from_dict(options)
+    model, _ = load_model(str(model_dir), dtype="float32")
+    adapter = ModelAdapter(model)
+    spec = database_spec(adapter, read_manifest(model_dir)["sha256"], target, opts)
+    db = LevelDatabase.create(Path(out_dir), spec)
+    todo = set(db.todo())
+    grid = level_grid(
+        {u: s["shapes"]["weight"][0] * s["shapes"]["weight"][1] for u, s in spec.units.items()},
+        hidden_size(adapter),
+        target,
+        opts,
+    )
+    tokens = load_tokens(Path(data_dir), "calibration")[: opts.n_samples]
+    _, kwargs = adapter.block_inputs(tokens[:1])  # the same for any batch size (SDPA, no padding)
+    hidden = torch.cat([adapter.block_inputs(t)[0] for t in tokens.split(opts.batch_size)])
+    for block in _progress(range(adapter.num_blocks), adapter.num_blocks, "build-db sparsity"):
+        block_todo = {p for p in todo if split_unit(p[0])[0] == block}
+        if block_todo:
+            hessians, out = _collect_hessians(adapter, block, hidden, kwargs, opts.batch_size)
+            _prune_block(db, adapter, grid, block, hessians, opts, block_todo)
+        if opts.inputs == "uniform":  # the next block sees this block pruned at the target (level 0)
+            for name, lin in adapter.linears(block).items():
+                lin.weight.copy_(db.load(f"block.{block}.{name}", 0)["weight"])
+        if opts.inputs == "uniform" or not block_todo:
+            out = _run_block(adapter, block, hidden, kwargs, opts.batch_size)
+        hidden = out
+    db.finish()
+    return db
+
+
+# --- stitching -----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def stitch(model_dir: Path, profile: dict, db: Path | None, out_dir: Path) -> dict:
+    """Apply a profile's levels from the database to the dense model and save a plain safetensors folder."""
+    from evopress.models import load_model
+    from evopress.stitch import write_model_folder
+
+    model, tokenizer = load_model(str(model_dir), dtype="float32")
+    adapter = ModelAdapter(model)
+    options = {**profile.get("options", {}), "model_sha256": profile.get("model_sha256") or ""}
+    options = {k: v for k, v in options.items() if v != ""}
+    comp = make(adapter, profile["target"], db=db, options=options)
+    units = profile["units"]
+    require(
+        set(units) == set(comp.units()),
+        f"profile has {len(units)} units, the model has {len(comp.units())} linears; wrong model or method?",
+    )
+    comp.apply_profile({u: int(lvl) for u, lvl in units.items()})
+    zeros = sum(int((comp._linear(u).weight == 0).sum()) for u in units)
+    report = {
+        "method": "sparsity",
+        "target": comp.target,
+        "budget_sparsity": comp.sparsity(units),
+        "measured_sparsity": zeros / comp.total_params(),
+        "pruned_weights": zeros,
+        "linear_params": comp.total_params(),
+        "weights": comp.opts.weights,
+    }
+    source = f"stitch:sparsity:{profile.get('source', 'profile')}@{comp.target}"
+    write_model_folder(
+        model, tokenizer, Path(out_dir), source, {"stitch.json": {**report, "profile": profile}}
+    )
+    return report

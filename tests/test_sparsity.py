@@ -1,0 +1,164 @@
+"""Unstructured sparsity: SparseGPT vs magnitude, exact zero counts, resumable builds, budget-exact mutation."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import char_tokenizer, tiny_llama
+from evopress.adapter import ModelAdapter
+from evopress.compressors import sparsity
+from evopress.database import LevelDatabase
+from evopress.errors import UserError
+from evopress.models import load_model, save_model
+from evopress.mutation import mutate
+from evopress.sparsegpt import (
+    HessianAccumulator,
+    inverse_cholesky,
+    magnitude_prune,
+    prune_counts,
+    reconstruction_error,
+)
+
+OPTS = {"num_levels": 2, "n_samples": 8, "batch_size": 4, "blocksize": 32}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sparsity")
+    model = tiny_llama(num_layers=2, hidden=64, vocab=257)
+    save_model(model, char_tokenizer(), root / "model", source="test:tiny")
+    g = torch.Generator().manual_seed(3)
+    (root / "text").mkdir()
+    for split, n in (("calibration", 8), ("heldout", 4)):
+        save_file(
+            {"input_ids": torch.randint(0, 257, (n, 32), generator=g)}, root / "text" / f"{split}.safetensors"
+        )
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(prepared):
+    out = prepared / "db"
+    sparsity.build_database(prepared / "model", prepared / "text", out, {"target": 0.5, **OPTS})
+    return out
+
+
+def test_sparsegpt_beats_magnitude_on_layer_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 96, generator=g) @ torch.randn(96, 96, generator=g) + torch.randn(96, generator=g)
+    w = torch.randn(48, 96, generator=g)
+    acc = HessianAccumulator(96)
+    acc.add(x)
+    counts = [w.numel() // 2, int(0.7 * w.numel())]
+    for count, pruned in zip(counts, prune_counts(w, inverse_cholesky(acc.hessian), counts, 32), strict=True):
+        assert int((pruned == 0).sum()) == count
+        mag = magnitude_prune(w, count)
+        assert reconstruction_error(w, pruned, acc.hessian) < 0.8 * reconstruction_error(w, mag, acc.hessian)
+
+
+def test_each_level_file_has_exact_zero_count(built):
+    db = LevelDatabase.open(built)
+    assert db.manifest["complete"]
+    opts = sparsity.SparsityOptions.from_dict(OPTS)
+    sizes = {u: s["weight"][0] * s["weight"][1] for u in db.units() for s in [db.shapes(u)]}
+    grid = sparsity.level_grid(sizes, 64, 0.5, opts)
+    assert len(db.units()) == 2 * 7
+    for unit, level in db.pairs():
+        w = db.load(unit, level)["weight"]
+        assert w.dtype == torch.float16
+        assert int((w == 0).sum()) == grid.pruned(unit, level), (unit, level)
+
+
+def test_interrupted_build_resumes_to_identical_files(prepared, built, monkeypatch):
+    out = prepared / "db_interrupted"
+    calls = {"n": 0}
+    real = sparsity._prune_block
+
+    def dies_in_second_block(db, adapter, grid, block, *args):
+        if block == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(db, adapter, grid, block, *args)
+
+    monkeypatch.setattr(sparsity, "_prune_block", dies_in_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        sparsity.build_database(prepared / "model", prepared / "text", out, {"target": 0.5, **OPTS})
+    monkeypatch.setattr(sparsity, "_prune_block", real)
+    assert LevelDatabase.open(out).missing()
+    sparsity.build_database(prepared / "model", prepared / "text", out, {"target": 0.5, **OPTS})
+    full, resumed = LevelDatabase.open(built), LevelDatabase.open(out)
+    assert resumed.missing() == []
+    assert full.manifest["files"] == resumed.manifest["files"]  # same sha256 for every file
+
+
+def test_corrupted_file_is_rebuilt(prepared, built, tmp_path):
+    import shutil
+
+    out = tmp_path / "db"
+    shutil.copytree(built, out)
+    db = LevelDatabase.open(out)
+    unit, level = db.pairs()[5]
+    path = db.path(unit, level)
+    original = path.read_bytes()
+    path.write_bytes(original[: len(original) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        LevelDatabase.open(out).load(unit, level)
+    sparsity.build_database(prepared / "model", prepared / "text", out, {"target": 0.5, **OPTS})
+    assert path.read_bytes() == original
+
+
+def test_mutation_keeps_parameter_weighted_budget(prepared, built):
+    model, _ = load_model(str(prepared / "model"))
+    comp = sparsity.make(ModelAdapter(model), 0.5, db=built)
+    profile = comp.initial_profile()
+    budget = comp.total_cost(profile)
+    rng = random.Random(0)
+    for _ in range(200):
+        profile = mutate(comp, profile, rng)
+        assert comp.total_cost(profile) == budget
+        assert all(profile[u] in comp.levels(u) for u in profile)
+    assert abs(comp.sparsity(profile) - 0.5) < 1e-3
+    assert len({lvl for lvl in profile.values()}) > 1
+
+
+def test_apply_swaps_weights_and_stitch_measures_budget(prepared, built, tmp_path):
+    model, _ = load_model(str(prepared / "model"))
+    comp = sparsity.make(ModelAdapter(model), 0.5, db=built)
+    profile = comp.random_profile(random.Random(1))
+    comp.apply_profile(profile)
+    unit = comp.units()[3]
+    assert int((comp._linear(unit).weight == 0).sum()) == comp.cost(unit, profile[unit])
+    doc = {"method": "sparsity", "target": 0.5, "options": {}, "source": "test", "units": profile}
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    from evopress.stitch import stitch
+
+    report = stitch("sparsity", prepared / "model", tmp_path / "p.json", built, tmp_path / "out")
+    assert report["measured_sparsity"] == report["budget_sparsity"]
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    w = ModelAdapter(loaded).linear(*sparsity.split_unit(unit)).weight
+    assert torch.equal(w, comp._linear(unit).weight)
+
+
+@pytest.mark.parametrize("target", [0.0, 1.0, -0.2, 1.5])
+def test_target_outside_unit_interval_is_refused(prepared, built, target):
+    model, _ = load_model(str(prepared / "model"))
+    with pytest.raises(UserError, match="outside"):
+        sparsity.make(ModelAdapter(model), target, db=built)
+
+
+def test_database_for_other_target_or_levels_is_refused(prepared, built):
+    model, _ = load_model(str(prepared / "model"))
+    adapter = ModelAdapter(model)
+    with pytest.raises(UserError, match="target"):
+        sparsity.make(adapter, 0.6, db=built)
+    with pytest.raises(UserError, match="num_levels"):
+        sparsity.make(adapter, 0.5, db=built, options={"num_levels": 3})
+    with pytest.raises(UserError, match="model_sha256"):
+        sparsity.make(adapter, 0.5, db=built, options={"model_sha256": "0" * 64})
