@@ -62,46 +62,57 @@ def split_count(count: int, rows: int, widths: list[int]) -> list[int]:
 
 @torch.no_grad()
 def prune_counts(
-    weight: torch.Tensor, u: torch.Tensor, counts: list[int], blocksize: int = 128
+    weight: torch.Tensor, u: torch.Tensor, counts: list[int], blocksize: int = 128, update_block: int = 32
 ) -> torch.Tensor:
     """SparseGPT-prune `weight` [rows, cols] to each number of zeros in `counts`: returns [len(counts), rows, cols].
 
     `u` is `inverse_cholesky(H)`. Every result has exactly its count of pruned entries (set to 0.0).
+    Masks are chosen per `blocksize` columns; the lazy updates run on sub-blocks of `update_block` columns
+    (the same arithmetic in another order, with less memory traffic per column on a CPU). Works on the
+    transpose [levels, cols, rows] so that a column is one contiguous row.
     """
     rows, cols = weight.shape
     for c in counts:
         assert 0 <= c <= rows * cols, f"count {c} outside 0..{rows * cols}"
-    w = weight.float().unsqueeze(0).repeat(len(counts), 1, 1)  # [L, rows, cols]
+    update_block = min(update_block, blocksize)
+    wt = weight.float().T.contiguous().unsqueeze(0).repeat(len(counts), 1, 1)  # [L, cols, rows]
     starts = list(range(0, cols, blocksize))
     widths = [min(blocksize, cols - s) for s in starts]
     per_block = [split_count(c, rows, widths) for c in counts]  # [L][blocks]
-    for b, (i1, width) in enumerate(zip(starts, widths, strict=True)):
-        i2 = i1 + width
-        w1 = w[:, :, i1:i2].clone()
-        u1 = u[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        mask1 = _block_mask(w1, torch.diagonal(u1), [k[b] for k in per_block])
-        for j in range(width):
-            col = w1[:, :, j]
-            d = u1[j, j]
-            q = col.masked_fill(mask1[:, :, j], 0.0)
-            err = (col - q) / d  # [L, rows]
-            w1[:, :, j:] -= err.unsqueeze(-1) * u1[j, j:].view(1, 1, -1)
-            w1[:, :, j] = q
-            err1[:, :, j] = err
-        w[:, :, i1:i2] = w1
-        if i2 < cols:
-            w[:, :, i2:] -= err1 @ u[i1:i2, i2:]
-    return w
+    mask = torch.zeros_like(wt, dtype=torch.bool)
+    for b, (m1, width) in enumerate(zip(starts, widths, strict=True)):
+        d = torch.diagonal(u)[m1 : m1 + width]
+        mask[:, m1 : m1 + width] = _block_mask(wt[:, m1 : m1 + width], d, [k[b] for k in per_block])
+        for i1 in range(m1, m1 + width, update_block):
+            i2 = min(i1 + update_block, m1 + width)
+            _sweep(wt, mask, u, i1, i2)
+    return wt.transpose(1, 2).contiguous()
+
+
+def _sweep(wt: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, i1: int, i2: int) -> None:
+    """Prune columns i1..i2 one by one (OBS updates inside), then push their error onto all later columns."""
+    w1 = wt[:, i1:i2].clone()  # [L, width, rows]
+    u1 = u[i1:i2, i1:i2]
+    err1 = torch.empty_like(w1)
+    for j in range(i2 - i1):
+        col = w1[:, j]  # [L, rows]
+        q = col.masked_fill(mask[:, i1 + j], 0.0)
+        err = (col - q) / u1[j, j]
+        if j + 1 < i2 - i1:
+            w1[:, j + 1 :] -= u1[j, j + 1 :].view(1, -1, 1) * err.unsqueeze(1)
+        w1[:, j] = q
+        err1[:, j] = err
+    wt[:, i1:i2] = w1
+    if i2 < wt.shape[1]:
+        wt[:, i2:] -= u[i1:i2, i2:].T @ err1  # lazy batch update of every later column at once
 
 
 def _block_mask(w1: torch.Tensor, d: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Per level, mark the `counts[l]` entries of the block with the smallest w^2 / d^2."""
-    score = (w1**2 / d.view(1, 1, -1) ** 2).flatten(1)  # [L, rows * width]
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    for level, k in enumerate(counts):
-        if k > 0:
-            mask[level, score[level].topk(k, largest=False).indices] = True
+    """Per level, mark the `counts[l]` entries of the block [L, width, rows] with the smallest w^2 / d^2."""
+    score = (w1**2 / d.view(1, -1, 1) ** 2).flatten(1)  # [L, width * rows]
+    order = score.argsort(dim=1, stable=True)  # one sort for all levels (topk with large k is slow on CPU)
+    rank_below = torch.arange(score.shape[1]).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
+    mask = torch.zeros_like(score, dtype=torch.bool).scatter_(1, order, rank_below)
     return mask.view(w1.shape)
 
 
