@@ -1,0 +1,182 @@
+"""Depth pruning on the default model: held-out perplexity of EvoPress (sublayer and block granularity) vs every
+baseline at k = 4, 8, 12 of 30 blocks removed, plus the dense model; and seconds per generation with and without
+parent-prefix reuse, side by side in one run.
+
+    .venv/bin/python benchmarks/depth_quality.py [--generations 40] [--quick]
+
+Writes benchmarks/results/depth_quality.json and depth_quality.md. Resumable: finished cells are kept in the json
+and skipped; searches checkpoint every generation under benchmarks/results/depth_quality_runs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from evopress.adapter import ModelAdapter
+from evopress.baselines.depth import BASELINES
+from evopress.compressors.depth import make
+from evopress.data import load_tokens
+from evopress.evaluate import evaluate_live, evaluate_profile
+from evopress.fitness import DenseReference
+from evopress.io import atomic_write_json, atomic_write_text
+from evopress.models import load_model
+from evopress.search import FitnessContext, SearchConfig, run_search
+
+RESULTS = Path("benchmarks/results")
+OUT_JSON = RESULTS / "depth_quality.json"
+OUT_MD = RESULTS / "depth_quality.md"
+RUNS = RESULTS / "depth_quality_runs"
+BASELINE_NAMES = ("shortgpt", "window", "shortened_ppl", "sleb", "random")
+
+
+def load_results() -> dict:
+    return json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {"cells": {}}
+
+
+def save(results: dict) -> None:
+    atomic_write_json(OUT_JSON, results)
+    atomic_write_text(OUT_MD, markdown(results))
+
+
+def markdown(results: dict) -> str:
+    cells, ks = results["cells"], results.get("ks", [])
+    rows = ["evopress_sublayer", "evopress_block", *BASELINE_NAMES]
+    lines = [
+        "| method | " + " | ".join(f"k={k} ppl" for k in ks) + " |",
+        "| --- |" + " --- |" * len(ks),
+    ]
+    dense = cells.get("dense", {}).get("perplexity")
+    lines.append("| dense | " + " | ".join(f"{dense:.2f}" if dense else "-" for _ in ks) + " |")
+    for name in rows:
+        vals = [cells.get(f"{name}/k{k}", {}).get("perplexity") for k in ks]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" if v else "-" for v in vals) + " |")
+    speed = results.get("speed")
+    if speed:
+        lines += [
+            "",
+            "| prefix reuse | median s/generation | median s first step |",
+            "| --- | --- | --- |",
+            f"| on | {speed['with_reuse']['median_seconds']:.2f} | {speed['with_reuse']['median_step1']:.2f} |",
+            f"| off | {speed['without_reuse']['median_seconds']:.2f} | {speed['without_reuse']['median_step1']:.2f} |",
+            f"| speed-up | {speed['speedup']:.2f}x | {speed['speedup_step1']:.2f}x |",
+        ]
+    lines += ["", f"search settings: {json.dumps(results.get('search_config'))}", ""]
+    return "\n".join(lines)
+
+
+def speed_run(adapter, ctx, config: SearchConfig, k: int, generations: int) -> dict:
+    """Same seed, same search, with and without reuse: the histories must match, only the time differs."""
+    out = {}
+    for reuse in (True, False):
+        comp = make(adapter, k, options={"granularity": "sublayer"})
+        cfg = replace(config, generations=generations, prefix_reuse=reuse)
+        res = run_search(comp, ctx, cfg)
+        secs = [h["seconds"] for h in res.history]
+        step1 = [h["step1_seconds"] for h in res.history]
+        out["with_reuse" if reuse else "without_reuse"] = {
+            "seconds": secs,
+            "median_seconds": statistics.median(secs),
+            "median_step1": statistics.median(step1),
+            "fitness": [h["fitness"] for h in res.history],
+        }
+    on, off = out["with_reuse"], out["without_reuse"]
+    out["identical_results"] = on["fitness"] == off["fitness"]
+    out["speedup"] = off["median_seconds"] / on["median_seconds"]
+    out["speedup_step1"] = off["median_step1"] / on["median_step1"]
+    out.update(k=k, generations=generations)
+    adapter.restore_all()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="data/model")
+    ap.add_argument("--data", default="data/text")
+    ap.add_argument("--ks", default="4,8,12")
+    ap.add_argument("--generations", type=int, default=40)
+    ap.add_argument("--offspring", type=int, default=16)
+    ap.add_argument("--survivors", default="4,1")
+    ap.add_argument("--tokens", default="512,2048")
+    ap.add_argument("--baseline-tokens", type=int, default=1024)
+    ap.add_argument("--speed-generations", type=int, default=4)
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    ks = [int(k) for k in args.ks.split(",")]
+    config = SearchConfig(
+        generations=args.generations,
+        offspring=args.offspring,
+        survivors=tuple(int(s) for s in args.survivors.split(",")),
+        tokens=tuple(int(t) for t in args.tokens.split(",")),
+        seed=0,
+        init="random",
+        initially_generated=16,
+        initial_tokens=1024,
+    )
+    results = load_results()
+    results.update(
+        ks=ks, search_config=asdict(config), baseline_tokens=args.baseline_tokens, dtype=args.dtype
+    )
+    model, _ = load_model(args.model, dtype=args.dtype)
+    adapter = ModelAdapter(model)
+    calibration, heldout = load_tokens(args.data, "calibration"), load_tokens(args.data, "heldout")
+    t0 = time.perf_counter()
+    ctx = FitnessContext.build(adapter, calibration, topk=512)
+    heldout_ref = DenseReference.build(adapter, heldout, topk=512)
+    print(f"dense references built in {time.perf_counter() - t0:.0f}s", flush=True)
+    cells = results["cells"]
+    if "dense" not in cells:
+        cells["dense"] = evaluate_live(adapter, heldout, heldout_ref)
+        save(results)
+    print(f"dense: {cells['dense']}", flush=True)
+    if "speed" not in results and args.speed_generations:
+        results["speed"] = speed_run(adapter, ctx, config, 8, args.speed_generations)
+        save(results)
+    print(f"speed: {json.dumps({k: v for k, v in results['speed'].items() if not isinstance(v, dict)})}")
+    for k in ks:
+        for name in BASELINE_NAMES:
+            key = f"{name}/k{k}"
+            if key in cells:
+                continue
+            t = time.perf_counter()
+            gran = "sublayer" if name == "random" else "block"
+            comp = make(adapter, k, options={"granularity": gran})
+            profile = BASELINES[name](comp, ctx, seed=0, tokens=args.baseline_tokens)
+            seconds = time.perf_counter() - t
+            cells[key] = {
+                **evaluate_profile(adapter, comp, profile, heldout, heldout_ref),
+                "removed": comp.removed_blocks(profile),
+                "seconds": seconds,
+            }
+            adapter.restore_all()
+            save(results)
+            print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({seconds:.0f}s)", flush=True)
+        for gran in ("sublayer", "block"):
+            key = f"evopress_{gran}/k{k}"
+            if key in cells:
+                continue
+            comp = make(adapter, k, options={"granularity": gran})
+            res = run_search(comp, ctx, config, RUNS / f"{gran}_k{k}")
+            cells[key] = {
+                **evaluate_profile(adapter, comp, res.profile, heldout, heldout_ref),
+                "removed": comp.removed_blocks(res.profile),
+                "fitness": res.fitness,
+                "initial_fitness": res.initial_fitness,
+                "seconds": res.history[-1]["elapsed"] if res.history else 0.0,
+                "median_seconds_per_generation": statistics.median(h["seconds"] for h in res.history),
+            }
+            adapter.restore_all()
+            save(results)
+            print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({cells[key]['seconds']:.0f}s)", flush=True)
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

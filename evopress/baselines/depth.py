@@ -1,0 +1,132 @@
+"""Depth-pruning baselines: each scores blocks one way and removes k of them, returning a profile.
+
+  shortgpt       ShortGPT block influence: 1 - cos(block input, block output), averaged over tokens; drop the k lowest
+  window         sliding-window cosine: drop the k contiguous blocks whose input and output are most alike
+  shortened_ppl  Shortened-LLaMA's perplexity criterion: remove each block alone, drop the k least harmful
+  sleb           SLEB: greedily remove the block whose removal hurts calibration perplexity least, k times
+  random         the best (lowest KL) of N random feasible profiles at the compressor's own granularity
+  uniform        the k removed units spread evenly over the depth (the compressor's initial profile)
+Block scores give whole blocks; for the sublayer granularity the same blocks lose both sublayers (equal cost).
+
+Every baseline has the signature fn(compressor, ctx: FitnessContext, *, seed, tokens, **options) -> Profile and
+leaves the live model dense.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from evopress.compressors.depth import DepthCompressor
+from evopress.search import FitnessContext, score_all, select
+
+
+def _dense(comp: DepthCompressor) -> None:
+    comp.apply_profile(dict.fromkeys(comp.units(), 0))
+
+
+def _rows(ctx: FitnessContext, seed: int, tokens: int) -> torch.Tensor:
+    return ctx.sample(random.Random(seed), tokens)
+
+
+@torch.no_grad()
+def _boundaries(ctx: FitnessContext, rows: torch.Tensor) -> list:
+    return ctx.prefix(rows)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
+
+
+def shortgpt(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+    _dense(comp)
+    n = ctx.adapter.num_blocks
+    influence = torch.zeros(n)
+    for _, _, bounds in _boundaries(ctx, _rows(ctx, seed, tokens)):
+        influence += torch.stack([1 - _cosine(bounds[i], bounds[i + 1]) for i in range(n)])
+    return comp.profile_from_blocks(influence.argsort()[: comp.k].tolist())
+
+
+def window(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+    _dense(comp)
+    n, k = ctx.adapter.num_blocks, comp.k
+    sim = torch.zeros(n - k + 1)
+    for _, _, bounds in _boundaries(ctx, _rows(ctx, seed, tokens)):
+        sim += torch.stack([_cosine(bounds[i], bounds[i + k]) for i in range(n - k + 1)])
+    start = int(sim.argmax())
+    return comp.profile_from_blocks(list(range(start, start + k)))
+
+
+@torch.no_grad()
+def _nll_from(ctx: FitnessContext, prefix: list, start: int) -> float:
+    """Mean next-token NLL of the live model, starting at block `start` from the cached prefix."""
+    total, count = 0.0, 0
+    for batch, kwargs, bounds in prefix:
+        hidden = ctx.adapter.run_blocks(bounds[start], kwargs, start)[:, :-1]
+        logits = ctx.adapter.logits(hidden).float()
+        targets = ctx.tokens[batch][:, 1:]
+        total += float(
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        )
+        count += targets.numel()
+    return total / count
+
+
+def _removal_losses(comp: DepthCompressor, ctx: FitnessContext, rows, removed: list[int]) -> dict[int, float]:
+    """Calibration NLL after additionally removing each remaining block, with `removed` already gone."""
+    block = DepthCompressor(ctx.adapter, len(removed), "block")
+    base = block.profile_from_blocks(removed) if removed else dict.fromkeys(block.units(), 0)
+    _dense(comp)
+    block.apply_profile(base)
+    prefix = ctx.prefix(rows)  # blocks before j are unchanged when j is removed: start there
+    losses = {}
+    for j in range(ctx.adapter.num_blocks):
+        if j in removed:
+            continue
+        block.apply(f"block.{j}", 1)
+        losses[j] = _nll_from(ctx, prefix, j)
+        block.apply(f"block.{j}", 0)
+    _dense(comp)
+    return losses
+
+
+def shortened_ppl(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+    losses = _removal_losses(comp, ctx, _rows(ctx, seed, tokens), [])
+    return comp.profile_from_blocks(sorted(losses, key=losses.get)[: comp.k])
+
+
+def sleb(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+    rows, removed = _rows(ctx, seed, tokens), []
+    for _ in range(comp.k):
+        losses = _removal_losses(comp, ctx, rows, removed)
+        removed.append(min(losses, key=losses.get))
+    return comp.profile_from_blocks(removed)
+
+
+def random_best(
+    comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048, n: int = 16
+) -> dict:
+    from evopress.search import _LiveModel
+
+    rng = random.Random(seed)
+    rows = ctx.sample(rng, tokens)
+    pool = [comp.random_profile(rng) for _ in range(n)]
+    live = _LiveModel(comp)
+    scores = score_all(ctx, live, pool, rows, None)
+    _dense(comp)
+    return pool[select(pool, scores, 1)[0]]
+
+
+def uniform(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+    return comp.initial_profile()
+
+
+BASELINES = {
+    "shortgpt": shortgpt,
+    "window": window,
+    "shortened_ppl": shortened_ppl,
+    "sleb": sleb,
+    "random": random_best,
+    "uniform": uniform,
+}

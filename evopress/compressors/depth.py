@@ -1,0 +1,178 @@
+"""Depth pruning: remove whole transformer blocks, or attention and MLP sublayers at independent positions.
+
+Units and levels: level 0 = kept, level 1 = removed (only the residual path remains; the sublayer's norm goes with
+it because its output is never used). Budget = number of removed units of each kind:
+  granularity "sublayer" (the authors' default): units block.<i>.attn / block.<i>.mlp, groups attn and mlp; target
+      k removes k attention and k MLP sublayers (the parameter count of k blocks, wherever they sit);
+  granularity "block": units block.<i>, one group; target k removes k blocks.
+A level switch trades one removed unit for one kept unit of the same kind, so the budget stays exact.
+
+`stitch` writes a real compressed model: removed blocks are deleted (layer_idx renumbered), removed sublayers
+become zeroed output projections (output-exact, loadable by plain transformers).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from evopress.adapter import SUBLAYER_KINDS, ModelAdapter
+from evopress.compressors.base import Compressor, Profile
+from evopress.errors import require
+
+GRANULARITIES = ("sublayer", "block")
+
+
+@dataclass(frozen=True)
+class DepthOptions:
+    granularity: str = "sublayer"
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> DepthOptions:
+        options = dict(options or {})
+        unknown = sorted(set(options) - {"granularity"})
+        require(not unknown, f"unknown depth options {unknown}; allowed: granularity")
+        opts = cls(**options)
+        require(
+            opts.granularity in GRANULARITIES,
+            f"unknown granularity {opts.granularity!r}; allowed: {', '.join(GRANULARITIES)}",
+        )
+        return opts
+
+
+def parse_target(target: float, num_blocks: int) -> int:
+    require(float(target) == int(target), f"depth target {target} must be a whole number of blocks to remove")
+    k = int(target)
+    require(
+        0 <= k <= num_blocks, f"cannot remove {k} of {num_blocks} blocks; allowed targets: 0..{num_blocks}"
+    )
+    return k
+
+
+def make(adapter: ModelAdapter, target: float, *, db=None, options: dict | None = None) -> DepthCompressor:
+    opts = DepthOptions.from_dict(options)
+    return DepthCompressor(adapter, parse_target(target, adapter.num_blocks), opts.granularity)
+
+
+def block_index(unit: str) -> int:
+    return int(unit.split(".")[1])
+
+
+class DepthCompressor(Compressor):
+    method = "depth"
+
+    def __init__(self, adapter: ModelAdapter, k: int, granularity: str = "sublayer"):
+        self.adapter = adapter
+        self.k = k
+        self.granularity = granularity
+        n = adapter.num_blocks
+        if granularity == "block":
+            self._units = [f"block.{i}" for i in range(n)]
+        else:
+            self._units = [f"block.{i}.{kind}" for i in range(n) for kind in SUBLAYER_KINDS]
+        self._set = set(self._units)
+
+    @property
+    def options(self) -> dict:
+        return {"granularity": self.granularity}
+
+    def units(self) -> list[str]:
+        return list(self._units)
+
+    def levels(self, unit: str) -> list[int]:
+        return [0, 1]
+
+    def cost(self, unit: str, level: int) -> float:
+        return float(level)
+
+    def group(self, unit: str) -> str:
+        return "block" if self.granularity == "block" else unit.rsplit(".", 1)[1]
+
+    def groups(self) -> list[str]:
+        return ["block"] if self.granularity == "block" else list(SUBLAYER_KINDS)
+
+    def block_of(self, unit: str) -> int:
+        return block_index(unit)
+
+    def apply(self, unit: str, level: int) -> None:
+        require(unit in self._set, f"unknown depth unit {unit!r}")
+        block = block_index(unit)
+        kinds = SUBLAYER_KINDS if self.granularity == "block" else (unit.rsplit(".", 1)[1],)
+        for kind in kinds:
+            (self.adapter.drop if level == 1 else self.adapter.restore)(block, kind)
+
+    def budget(self) -> float:
+        return float(self.k * len(self.groups()))
+
+    def profile_from_blocks(self, removed: dict[str, list[int]] | list[int]) -> Profile:
+        """Profile removing the given block indices (a list: the same blocks for every group)."""
+        if not isinstance(removed, dict):
+            removed = {g: list(removed) for g in self.groups()}
+        profile = dict.fromkeys(self._units, 0)
+        for group, blocks in removed.items():
+            require(
+                len(set(blocks)) == self.k, f"{group}: {len(set(blocks))} removed, the target is {self.k}"
+            )
+            for b in blocks:
+                profile[f"block.{b}" if self.granularity == "block" else f"block.{b}.{group}"] = 1
+        return profile
+
+    def initial_profile(self) -> Profile:
+        """The k removed units spread evenly over the depth (a feasible start; depth has no 'uniform')."""
+        n = self.adapter.num_blocks
+        spread = [int((j + 0.5) * n / self.k) for j in range(self.k)] if self.k else []
+        return self.profile_from_blocks(spread)
+
+    def random_profile(self, rng: random.Random) -> Profile:
+        n = self.adapter.num_blocks
+        return self.profile_from_blocks({g: rng.sample(range(n), self.k) for g in self.groups()})
+
+    def removed_blocks(self, profile: Profile) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {g: [] for g in self.groups()}
+        for unit, level in profile.items():
+            if level == 1:
+                out[self.group(unit)].append(block_index(unit))
+        return {g: sorted(b) for g, b in out.items()}
+
+
+def stitch(model_dir: Path, profile: dict, db, out_dir: Path) -> Path:
+    """Write the depth-pruned model of `profile` (a profile json dict) into `out_dir`, with the profile beside it."""
+    import torch
+
+    from evopress.io import atomic_write_json
+    from evopress.models import load_model, save_model
+
+    model, tokenizer = load_model(str(model_dir))
+    adapter = ModelAdapter(model)
+    comp = make(adapter, profile["target"], options=profile.get("options"))
+    from evopress.profile import validate_units
+
+    validate_units(profile["units"], comp)
+    removed = comp.removed_blocks(profile["units"])
+    with torch.no_grad():
+        if comp.granularity == "sublayer":
+            for kind, blocks in removed.items():
+                for b in blocks:
+                    # Zeroing the sublayer's output projection makes its contribution exactly zero.
+                    last = "o_proj" if kind == "attn" else "down_proj"
+                    lin = adapter.sublayer(b, kind).get_submodule(last)
+                    lin.weight.zero_()
+                    if lin.bias is not None:
+                        lin.bias.zero_()
+        else:
+            keep = [blk for i, blk in enumerate(adapter.blocks) if i not in set(removed["block"])]
+            for new_idx, blk in enumerate(keep):
+                attn = getattr(blk, adapter.spec.attn)
+                if hasattr(attn, "layer_idx"):
+                    attn.layer_idx = new_idx
+            adapter.blocks[:] = []
+            adapter.blocks.extend(keep)
+            if getattr(model.config, "layer_types", None):
+                model.config.layer_types = [
+                    t for i, t in enumerate(model.config.layer_types) if i not in set(removed["block"])
+                ]
+            model.config.num_hidden_layers = len(keep)
+    save_model(model, tokenizer, out_dir, f"{model_dir} + depth profile")
+    atomic_write_json(Path(out_dir) / "profile.json", profile)
+    return Path(out_dir)
