@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # Modules that add commands to `app` when imported (one per topic, so methods do not share a file).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["evopress.cli_database", "evopress.cli_compress"]
 
 
 @app.command("prepare-model")

@@ -153,8 +153,20 @@ class SparsityCompressor(Compressor):
         shapes = linear_sizes(adapter)
         self.grid = level_grid({u: r * c for u, (r, c) in shapes.items()}, hidden_size(adapter), target, opts)
         self._dense: dict[str, torch.Tensor] = {}
-        if opts.weights == "magnitude":  # keep the dense weights: magnitude levels are computed from them
-            self._dense = {u: self._linear(u).weight.detach().clone() for u in shapes}
+        self._applied = False
+        if opts.weights == "magnitude":
+            self.use_magnitude()
+
+    @property
+    def options(self) -> dict:
+        """What a profile must carry to be reproduced (the rest is in the database's manifest)."""
+        return {"weights": self.opts.weights}
+
+    def use_magnitude(self) -> None:
+        """Switch to magnitude pruning of the dense weights (the floor baseline); the model must still be dense."""
+        require(not self._applied, "magnitude pruning needs the dense weights: switch before applying levels")
+        self._dense = {u: self._linear(u).weight.detach().clone() for u in self.units()}
+        self.opts = SparsityOptions(**{**asdict(self.opts), "weights": "magnitude"})
 
     def _linear(self, unit: str) -> torch.nn.Linear:
         block, name = split_unit(unit)
@@ -193,6 +205,7 @@ class SparsityCompressor(Compressor):
 
     @torch.no_grad()
     def apply(self, unit: str, level: int) -> None:
+        self._applied = True
         self._linear(unit).weight.copy_(self.weight(unit, level))
 
 

@@ -1,0 +1,132 @@
+"""Sparsity baselines, each a profile on the same level grid as the search (so stitch/evaluate treat them alike).
+
+  uniform    every linear at the target (level 0): uniform SparseGPT
+  owl        OWL (Yin et al., 2024): a block's outlier ratio is the share of its scores |W_ij| * ||X_j|| above
+             M times their mean (per linear, averaged over the block's linears); blocks with more outliers are
+             pruned less: s_b = s - (r_b - mean r), r normalized to [0, 2 lambda], so s_b lies in s +- lambda.
+             Block sparsities are mapped onto the nearest grid levels of every linear, then rounded so the
+             budget is exact. With `grid=true`, lambda and M are picked from the authors' grid by calibration KL.
+  magnitude  every linear at the target by weight magnitude (no SparseGPT update): the floor
+
+Baselines start from the dense live model; after `owl grid=true` the model holds the last candidate tried.
+
+Signature, as for every method: fn(compressor, ctx: FitnessContext, *, seed, tokens, **options) -> Profile.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from evopress.compressors.sparsity import SparsityCompressor, split_unit
+from evopress.errors import require
+
+OWL_LAMBDAS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)
+OWL_MS = (3, 5, 7, 10)
+
+
+def uniform(comp: SparsityCompressor, ctx=None, *, seed: int = 0, tokens: int = 2048) -> dict:
+    return comp.initial_profile()
+
+
+def magnitude(comp: SparsityCompressor, ctx=None, *, seed: int = 0, tokens: int = 2048) -> dict:
+    comp.use_magnitude()
+    return comp.initial_profile()
+
+
+@torch.no_grad()
+def input_norms(comp: SparsityCompressor, ctx, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """||X_j||_2 over the calibration tokens of every input feature j of every linear (live model, dense)."""
+    sq: dict[str, torch.Tensor] = {}
+    handles = []
+    for unit in comp.units():
+        block, name = split_unit(unit)
+
+        def hook(_module, args, unit=unit):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sq[unit] = sq.get(unit, 0) + (x**2).sum(0)
+
+        handles.append(comp.adapter.linear(block, name).register_forward_pre_hook(hook))
+    try:
+        ctx.prefix(rows)
+    finally:
+        for h in handles:
+            h.remove()
+    return {u: s.sqrt() for u, s in sq.items()}
+
+
+def outlier_ratios(comp: SparsityCompressor, norms: dict[str, torch.Tensor], m: float) -> torch.Tensor:
+    """Per block: mean over its linears of the share of |W| * ||X|| scores above m times the linear's mean."""
+    per_block: dict[int, list[float]] = {}
+    for unit, norm in norms.items():
+        score = comp._linear(unit).weight.abs().float() * norm.view(1, -1)
+        ratio = float((score > m * score.mean()).float().mean())
+        per_block.setdefault(comp.block_of(unit), []).append(ratio)
+    return torch.tensor([sum(v) / len(v) for _, v in sorted(per_block.items())], dtype=torch.float64)
+
+
+def owl_block_sparsity(ratios: torch.Tensor, target: float, lam: float) -> torch.Tensor:
+    spread = ratios.max() - ratios.min()
+    scaled = (ratios - ratios.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(ratios)
+    return target - (scaled - scaled.mean())
+
+
+def profile_for_block_sparsity(comp: SparsityCompressor, block_sparsity: torch.Tensor) -> dict:
+    """Nearest grid level of every linear to its block's sparsity, then rounded so the budget is exact.
+
+    Every level step costs the same weights, so the budget is exact iff the levels sum to 0: the units whose
+    rounding went furthest up (down) are moved one step down (up) until they do.
+    """
+    ideal = {
+        u: (float(block_sparsity[comp.block_of(u)]) * comp.grid.sizes[u] - comp.grid.base[u]) / comp.grid.step
+        for u in comp.units()
+    }
+    profile = {u: min(max(round(x), comp.levels(u)[0]), comp.levels(u)[-1]) for u, x in ideal.items()}
+    while (total := sum(profile.values())) != 0:
+        move = -1 if total > 0 else 1
+        movable = [u for u in profile if profile[u] + move in comp.levels(u)]
+        require(movable, "cannot place the OWL sparsities on the level grid within the budget")
+        unit = max(movable, key=lambda u: (profile[u] - ideal[u]) * -move)
+        profile[unit] += move
+    return profile
+
+
+def owl(
+    comp: SparsityCompressor,
+    ctx,
+    *,
+    seed: int = 0,
+    tokens: int = 2048,
+    lam: float = 0.08,
+    m: float = 5.0,
+    grid: bool = False,
+) -> dict:
+    require(0 <= float(lam) < min(comp.target, 1 - comp.target), f"OWL lambda={lam} outside [0, min(s, 1-s))")
+    require(float(m) > 0, f"OWL M={m} must be > 0")
+    require(not comp._applied, "OWL needs the dense model: run it before any level is applied")
+    rng = random.Random(seed)
+    norms = input_norms(comp, ctx, ctx.sample(rng, tokens))  # activations and weights of the dense model
+    candidates = [(float(lam), float(m))]
+    if str(grid).lower() in ("1", "true", "yes"):
+        candidates = [
+            (la, mm) for la in OWL_LAMBDAS for mm in OWL_MS if la < min(comp.target, 1 - comp.target)
+        ]
+    ratios = {mm: outlier_ratios(comp, norms, mm) for mm in {mm for _, mm in candidates}}
+    profiles = [
+        profile_for_block_sparsity(comp, owl_block_sparsity(ratios[mm], comp.target, la))
+        for la, mm in candidates
+    ]
+    if len(profiles) == 1:
+        return profiles[0]
+    rows = ctx.sample(rng, tokens)  # pick lambda and M on calibration KL (never on held-out data)
+    kls = []
+    for profile in profiles:
+        comp.apply_profile(profile)
+        kls.append(ctx.kl(rows))
+    best = min(range(len(profiles)), key=lambda i: kls[i])
+    comp.chosen = {"lambda": candidates[best][0], "m": candidates[best][1], "kl": kls[best]}
+    return profiles[best]
+
+
+BASELINES = {"uniform": uniform, "owl": owl, "magnitude": magnitude}
