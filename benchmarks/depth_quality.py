@@ -20,11 +20,10 @@ from pathlib import Path
 import torch
 
 from evopress.adapter import ModelAdapter
-from evopress.baselines.depth import BASELINES
+from evopress.baselines.depth import BASELINES, sleb_order
 from evopress.compressors.depth import make
 from evopress.data import load_tokens
 from evopress.evaluate import evaluate_live, evaluate_profile
-from evopress.fitness import DenseReference
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.models import load_model
 from evopress.search import FitnessContext, SearchConfig, run_search
@@ -95,17 +94,50 @@ def speed_run(adapter, ctx, config: SearchConfig, k: int, generations: int) -> d
     return out
 
 
+def baseline_cell(adapter, ctx, heldout, name, k, k_max, args, sleb_cache) -> dict:
+    t = time.perf_counter()
+    comp = make(adapter, k, options={"granularity": "sublayer" if name == "random" else "block"})
+    if name == "sleb":  # greedy: one run to k_max gives every smaller k as a prefix
+        if "order" not in sleb_cache:
+            big = make(adapter, k_max, options={"granularity": "block"})
+            sleb_cache["order"] = sleb_order(big, ctx, k_max, seed=0, tokens=args.baseline_tokens)
+            sleb_cache["seconds"] = time.perf_counter() - t
+        profile = comp.profile_from_blocks(sleb_cache["order"][:k])
+        seconds = sleb_cache["seconds"]
+    else:
+        profile = BASELINES[name](comp, ctx, seed=0, tokens=args.baseline_tokens)
+        seconds = time.perf_counter() - t
+    cell = {**evaluate_profile(adapter, comp, profile, heldout), "removed": comp.removed_blocks(profile)}
+    adapter.restore_all()
+    return {**cell, "seconds": seconds}
+
+
+def search_cell(adapter, ctx, heldout, config, gran, k) -> dict:
+    comp = make(adapter, k, options={"granularity": gran})
+    res = run_search(comp, ctx, config, RUNS / f"{gran}_k{k}")
+    cell = {
+        **evaluate_profile(adapter, comp, res.profile, heldout),
+        "removed": comp.removed_blocks(res.profile),
+        "fitness": res.fitness,
+        "initial_fitness": res.initial_fitness,
+        "seconds": res.history[-1]["elapsed"] if res.history else 0.0,
+        "median_seconds_per_generation": statistics.median(h["seconds"] for h in res.history),
+    }
+    adapter.restore_all()
+    return cell
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="data/model")
     ap.add_argument("--data", default="data/text")
     ap.add_argument("--ks", default="4,8,12")
-    ap.add_argument("--generations", type=int, default=40)
-    ap.add_argument("--offspring", type=int, default=16)
-    ap.add_argument("--survivors", default="4,1")
+    ap.add_argument("--generations", type=int, default=25)
+    ap.add_argument("--offspring", type=int, default=8)
+    ap.add_argument("--survivors", default="2,1")
     ap.add_argument("--tokens", default="512,2048")
     ap.add_argument("--baseline-tokens", type=int, default=1024)
-    ap.add_argument("--speed-generations", type=int, default=4)
+    ap.add_argument("--speed-generations", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -129,51 +161,30 @@ def main() -> None:
     calibration, heldout = load_tokens(args.data, "calibration"), load_tokens(args.data, "heldout")
     t0 = time.perf_counter()
     ctx = FitnessContext.build(adapter, calibration, topk=512)
-    heldout_ref = DenseReference.build(adapter, heldout, topk=512)
-    print(f"dense references built in {time.perf_counter() - t0:.0f}s", flush=True)
+    print(f"dense reference built in {time.perf_counter() - t0:.0f}s", flush=True)
     cells = results["cells"]
     if "dense" not in cells:
-        cells["dense"] = evaluate_live(adapter, heldout, heldout_ref)
+        cells["dense"] = evaluate_live(adapter, heldout)
         save(results)
     print(f"dense: {cells['dense']}", flush=True)
     if "speed" not in results and args.speed_generations:
         results["speed"] = speed_run(adapter, ctx, config, 8, args.speed_generations)
         save(results)
     print(f"speed: {json.dumps({k: v for k, v in results['speed'].items() if not isinstance(v, dict)})}")
-    for k in ks:
+    sleb_cache: dict[str, list] = {}
+    for k in ks:  # baselines first (cheap), then the searches: the main (sublayer) row before the block row
         for name in BASELINE_NAMES:
             key = f"{name}/k{k}"
-            if key in cells:
-                continue
-            t = time.perf_counter()
-            gran = "sublayer" if name == "random" else "block"
-            comp = make(adapter, k, options={"granularity": gran})
-            profile = BASELINES[name](comp, ctx, seed=0, tokens=args.baseline_tokens)
-            seconds = time.perf_counter() - t
-            cells[key] = {
-                **evaluate_profile(adapter, comp, profile, heldout, heldout_ref),
-                "removed": comp.removed_blocks(profile),
-                "seconds": seconds,
-            }
-            adapter.restore_all()
-            save(results)
-            print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({seconds:.0f}s)", flush=True)
-        for gran in ("sublayer", "block"):
+            if key not in cells:
+                cells[key] = baseline_cell(adapter, ctx, heldout, name, k, max(ks), args, sleb_cache)
+                save(results)
+            print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({cells[key]['seconds']:.0f}s)", flush=True)
+    for gran in ("sublayer", "block"):
+        for k in ks:
             key = f"evopress_{gran}/k{k}"
-            if key in cells:
-                continue
-            comp = make(adapter, k, options={"granularity": gran})
-            res = run_search(comp, ctx, config, RUNS / f"{gran}_k{k}")
-            cells[key] = {
-                **evaluate_profile(adapter, comp, res.profile, heldout, heldout_ref),
-                "removed": comp.removed_blocks(res.profile),
-                "fitness": res.fitness,
-                "initial_fitness": res.initial_fitness,
-                "seconds": res.history[-1]["elapsed"] if res.history else 0.0,
-                "median_seconds_per_generation": statistics.median(h["seconds"] for h in res.history),
-            }
-            adapter.restore_all()
-            save(results)
+            if key not in cells:
+                cells[key] = search_cell(adapter, ctx, heldout, config, gran, k)
+                save(results)
             print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({cells[key]['seconds']:.0f}s)", flush=True)
     print(markdown(results))
 

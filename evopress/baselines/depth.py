@@ -96,12 +96,19 @@ def shortened_ppl(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, 
     return comp.profile_from_blocks(sorted(losses, key=losses.get)[: comp.k])
 
 
-def sleb(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+def sleb_order(
+    comp: DepthCompressor, ctx: FitnessContext, k: int, *, seed: int = 0, tokens: int = 2048
+) -> list:
+    """SLEB's removals in order; greedy, so the first j of them are SLEB's answer for any j <= k."""
     rows, removed = _rows(ctx, seed, tokens), []
-    for _ in range(comp.k):
+    for _ in range(k):
         losses = _removal_losses(comp, ctx, rows, removed)
         removed.append(min(losses, key=losses.get))
-    return comp.profile_from_blocks(removed)
+    return removed
+
+
+def sleb(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+    return comp.profile_from_blocks(sleb_order(comp, ctx, comp.k, seed=seed, tokens=tokens))
 
 
 def random_best(

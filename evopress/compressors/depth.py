@@ -166,8 +166,8 @@ def stitch(model_dir: Path, profile: dict, db, out_dir: Path) -> Path:
                 attn = getattr(blk, adapter.spec.attn)
                 if hasattr(attn, "layer_idx"):
                     attn.layer_idx = new_idx
-            adapter.blocks[:] = []
-            adapter.blocks.extend(keep)
+            parent_path, _, attr = adapter.spec.layers.rpartition(".")
+            setattr(model.get_submodule(parent_path), attr, torch.nn.ModuleList(keep))
             if getattr(model.config, "layer_types", None):
                 model.config.layer_types = [
                     t for i, t in enumerate(model.config.layer_types) if i not in set(removed["block"])
