@@ -162,3 +162,69 @@ def test_database_for_other_target_or_levels_is_refused(prepared, built):
         sparsity.make(adapter, 0.5, db=built, options={"num_levels": 3})
     with pytest.raises(UserError, match="model_sha256"):
         sparsity.make(adapter, 0.5, db=built, options={"model_sha256": "0" * 64})
+
+
+def _ctx(prepared):
+    from evopress.search import FitnessContext
+
+    model, _ = load_model(str(prepared / "model"))
+    adapter = ModelAdapter(model)
+    tokens = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(5))
+    return adapter, FitnessContext.build(adapter, tokens, topk=16)
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_owl_profile_is_on_budget_and_follows_outliers(prepared, built, grid):
+    from evopress.baselines.sparsity import BASELINES, owl_block_sparsity
+
+    adapter, ctx = _ctx(prepared)
+    comp = sparsity.make(adapter, 0.5, db=built)
+    profile = BASELINES["owl"](comp, ctx, tokens=64, lam=0.1, m=3, grid=grid)
+    assert comp.total_cost(profile) == comp.total_cost(comp.initial_profile())
+    s = owl_block_sparsity(torch.tensor([0.1, 0.3, 0.2], dtype=torch.float64), 0.5, 0.1)
+    assert torch.allclose(s, torch.tensor([0.6, 0.4, 0.5], dtype=torch.float64))
+    assert abs(float(s.mean()) - 0.5) < 1e-12
+
+
+def test_owl_needs_the_dense_model(prepared, built):
+    from evopress.baselines.sparsity import BASELINES
+
+    adapter, ctx = _ctx(prepared)
+    comp = sparsity.make(adapter, 0.5, db=built)
+    comp.apply_profile(comp.initial_profile())
+    with pytest.raises(UserError, match="dense"):
+        BASELINES["owl"](comp, ctx, tokens=64)
+
+
+def test_magnitude_baseline_prunes_smallest_weights(prepared, built):
+    from evopress.baselines.sparsity import BASELINES
+
+    adapter, ctx = _ctx(prepared)
+    comp = sparsity.make(adapter, 0.5, db=built)
+    unit = comp.units()[0]
+    dense = comp._linear(unit).weight.clone()
+    profile = BASELINES["magnitude"](comp, ctx)
+    assert comp.options == {"weights": "magnitude"}
+    comp.apply_profile(profile)
+    w = comp._linear(unit).weight
+    kept = dense[w != 0].abs().min()
+    assert int((w == 0).sum()) == comp.cost(unit, 0)
+    assert float(dense[w == 0].abs().max()) <= float(kept)
+
+
+def test_cli_build_db_and_stitch(prepared, built, tmp_path):
+    from typer.testing import CliRunner
+
+    import evopress.cli_database  # noqa: F401  (registers the commands)
+    from evopress.cli import app
+
+    runner = CliRunner()
+    args = ["build-db", "--method", "sparsity", "--model", str(prepared / "model"), "--data"]
+    args += [str(prepared / "text"), "--out", str(built)] + [f"--option={k}={v}" for k, v in OPTS.items()]
+    ok = runner.invoke(app, [*args, "--option", "target=0.5"], standalone_mode=False)
+    assert ok.exit_code == 0, ok.output
+    assert "complete=True" in ok.output
+    bad = runner.invoke(app, [*args, "--option", "target=0.6"], standalone_mode=False)
+    assert isinstance(bad.exception, UserError) and "built for something else" in str(bad.exception)
+    bad = runner.invoke(app, [*args, "--option", "target=1.2"], standalone_mode=False)
+    assert isinstance(bad.exception, UserError) and "outside (0, 1)" in str(bad.exception)
