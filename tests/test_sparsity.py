@@ -228,3 +228,80 @@ def test_cli_build_db_and_stitch(prepared, built, tmp_path):
     assert isinstance(bad.exception, UserError) and "built for something else" in str(bad.exception)
     bad = runner.invoke(app, [*args, "--option", "target=1.2"], standalone_mode=False)
     assert isinstance(bad.exception, UserError) and "outside (0, 1)" in str(bad.exception)
+
+
+def test_cli_search_baselines_evaluate_stitch(prepared, built, tmp_path):
+    from typer.testing import CliRunner
+
+    import evopress.cli_compress  # noqa: F401
+    import evopress.cli_database  # noqa: F401
+    from evopress.cli import app
+
+    runner = CliRunner()
+    common = ["--method", "sparsity", "--model", str(prepared / "model"), "--data", str(prepared / "text")]
+    common += ["--db", str(built), "--dtype", "float32"]
+
+    def ok(*args):
+        res = runner.invoke(app, list(args), standalone_mode=False)
+        assert res.exit_code == 0 and res.exception is None, (res.output, res.exception)
+        return res
+
+    search = ["search", *common, "--target", "0.5", "--generations", "2", "--offspring", "4"]
+    ok(
+        *search,
+        "--survivors",
+        "2,1",
+        "--tokens",
+        "64,128",
+        "--initial-tokens",
+        "64",
+        "--out",
+        str(tmp_path / "s"),
+    )
+    for name in ("owl", "magnitude"):
+        ok(
+            "baseline",
+            *common,
+            "--target",
+            "0.5",
+            "--name",
+            name,
+            "--tokens",
+            "64",
+            "--out",
+            str(tmp_path / name),
+        )
+        ok(
+            "evaluate",
+            *common,
+            "--profile",
+            str(tmp_path / name / "profile.json"),
+            "--out",
+            str(tmp_path / "m.json"),
+        )
+    magnitude = json.loads((tmp_path / "magnitude" / "profile.json").read_text())
+    assert magnitude["options"] == {"weights": "magnitude"}
+    res = ok(
+        "stitch",
+        "--method",
+        "sparsity",
+        "--model",
+        str(prepared / "model"),
+        "--db",
+        str(built),
+        "--profile",
+        str(tmp_path / "s" / "profile.json"),
+        "--out",
+        str(tmp_path / "stitched"),
+    )
+    report = json.loads((tmp_path / "stitched" / "stitch.json").read_text())
+    assert report["measured_sparsity"] == report["budget_sparsity"], res.output
+    ok(
+        "evaluate",
+        "--model",
+        str(tmp_path / "stitched"),
+        "--data",
+        str(prepared / "text"),
+        "--out",
+        str(tmp_path / "e.json"),
+    )

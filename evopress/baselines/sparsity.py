@@ -6,6 +6,8 @@
              pruned less: s_b = s - (r_b - mean r), r normalized to [0, 2 lambda], so s_b lies in s +- lambda.
              Block sparsities are mapped onto the nearest grid levels of every linear, then rounded so the
              budget is exact. With `grid=true`, lambda and M are picked from the authors' grid by calibration KL.
+             From the CLI: `evopress baseline --method sparsity --name owl --option owl_lambda=0.08
+             --option owl_m=5 [--option owl_grid=true]`.
   magnitude  every linear at the target by weight magnitude (no SparseGPT update): the floor
 
 Baselines start from the dense live model; after `owl grid=true` the model holds the last candidate tried.
@@ -98,16 +100,20 @@ def owl(
     *,
     seed: int = 0,
     tokens: int = 2048,
-    lam: float = 0.08,
-    m: float = 5.0,
-    grid: bool = False,
+    lam: float | None = None,
+    m: float | None = None,
+    grid: bool | None = None,
 ) -> dict:
-    require(0 <= float(lam) < min(comp.target, 1 - comp.target), f"OWL lambda={lam} outside [0, min(s, 1-s))")
-    require(float(m) > 0, f"OWL M={m} must be > 0")
+    given = comp.baseline_options  # `baseline --option owl_lambda=.. owl_m=.. owl_grid=true`
+    lam = float(given.get("lambda", 0.08) if lam is None else lam)
+    m = float(given.get("m", 5.0) if m is None else m)
+    grid = given.get("grid", False) if grid is None else grid
+    require(0 <= lam < min(comp.target, 1 - comp.target), f"OWL lambda={lam} outside [0, min(s, 1-s))")
+    require(m > 0, f"OWL M={m} must be > 0")
     require(not comp._applied, "OWL needs the dense model: run it before any level is applied")
     rng = random.Random(seed)
     norms = input_norms(comp, ctx, ctx.sample(rng, tokens))  # activations and weights of the dense model
-    candidates = [(float(lam), float(m))]
+    candidates = [(lam, m)]
     if str(grid).lower() in ("1", "true", "yes"):
         candidates = [
             (la, mm) for la in OWL_LAMBDAS for mm in OWL_MS if la < min(comp.target, 1 - comp.target)

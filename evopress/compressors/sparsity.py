@@ -47,7 +47,9 @@ class SparsityOptions:
     def from_dict(cls, options: dict | None) -> SparsityOptions:
         options = dict(options or {})
         allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(options) - allowed - {"model_sha256", "target"})
+        unknown = sorted(
+            k for k in set(options) - allowed - {"model_sha256", "target"} if not k.startswith("owl_")
+        )
         require(not unknown, f"unknown sparsity options {unknown}; allowed: {', '.join(sorted(allowed))}")
         kw = {k: type(getattr(cls(), k))(v) for k, v in options.items() if k in allowed}
         opts = cls(**kw)
@@ -151,6 +153,7 @@ class SparsityCompressor(Compressor):
         self.target = target
         self.db = db
         self.opts = opts
+        self.baseline_options: dict = {}  # owl_lambda, owl_m, owl_grid given as --option to `baseline`
         shapes = linear_sizes(adapter)
         self.grid = level_grid({u: r * c for u, (r, c) in shapes.items()}, hidden_size(adapter), target, opts)
         self._dense: dict[str, torch.Tensor] = {}
@@ -215,6 +218,7 @@ def make(adapter: ModelAdapter, target: float, *, db=None, options: dict | None 
     target = check_target(target)
     options = dict(options or {})
     opts = SparsityOptions.from_dict(options)
+    owl = {k.removeprefix("owl_"): v for k, v in options.items() if k.startswith("owl_")}
     if opts.weights == "magnitude":  # the floor baseline needs no database
         return SparsityCompressor(adapter, target, None, opts)
     require(db is not None, "sparsity needs a level database (--db); build it with `evopress build-db`")
@@ -225,7 +229,9 @@ def make(adapter: ModelAdapter, target: float, *, db=None, options: dict | None 
     merged = SparsityOptions(**{**asdict(merged), "weights": opts.weights, "batch_size": opts.batch_size})
     spec = database_spec(adapter, model_sha256_of(adapter, options), target, merged)
     database.require_matches(spec)
-    return SparsityCompressor(adapter, target, database, merged)
+    comp = SparsityCompressor(adapter, target, database, merged)
+    comp.baseline_options = owl
+    return comp
 
 
 # --- building the database -----------------------------------------------------------------------------------
