@@ -46,6 +46,11 @@ def save(results: dict) -> None:
     atomic_write_text(OUT_MD, markdown(results))
 
 
+def _set_out(path: str) -> None:
+    global OUT_JSON, OUT_MD
+    OUT_JSON, OUT_MD = Path(path), Path(path).with_suffix(".md")
+
+
 def markdown(results: dict) -> str:
     cells, targets = results["cells"], results.get("targets", [])
     head = " | ".join(f"{int(round(t * 100))}% ppl" for t in targets)
@@ -110,7 +115,7 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
     if key not in cells:
         started = time.perf_counter()
         comp = fresh()
-        res = run_search(comp, ctx, args.config, Path(args.runs) / f"sparsity-{target}")
+        res = run_search(comp, ctx, args.config, Path(args.runs) / f"sparsity-{target}", on_generation=_log)
         metrics = evaluate_profile(adapter, comp, res.profile, heldout, heldout_ref)
         metrics.update(
             sparsity=comp.sparsity(res.profile),
@@ -122,6 +127,11 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
         )
         atomic_write_json(Path(args.runs) / f"sparsity-{target}" / "profile.json", res.profile)
         record(results, key, metrics, started)
+
+
+def _log(info) -> None:
+    if info.generation % 5 == 0:
+        print(f"  generation {info.generation}: KL {info.fitness:.4f} ({info.seconds:.1f}s)", flush=True)
 
 
 def _restore(adapter, dense_weights) -> None:
@@ -145,7 +155,12 @@ def main() -> None:
     ap.add_argument("--num-levels", type=int, default=2)
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--calibration-rows", type=int, default=64, help="calibration sequences the search samples"
+    )
+    ap.add_argument("--out", default=str(OUT_JSON))
     args = ap.parse_args()
+    _set_out(args.out)
     torch.manual_seed(0)
     targets = [float(t) for t in args.targets.split(",")]
     args.db_options = {"num_levels": args.num_levels, "n_samples": args.n_samples}
@@ -155,6 +170,8 @@ def main() -> None:
         survivors=tuple(int(s) for s in args.survivors.split(",")),
         tokens=tuple(int(t) for t in args.tokens.split(",")),
         seed=0,
+        init="uniform",
+        initial_tokens=int(args.tokens.split(",")[0]),  # unused with a uniform start, but validated
     )
     results = load_results()
     results["targets"] = sorted(set(results.get("targets", [])) | set(targets))
@@ -163,6 +180,8 @@ def main() -> None:
         "database": args.db_options,
         "dtype": args.dtype,
         "baseline_tokens": args.baseline_tokens,
+        "calibration_rows": args.calibration_rows,
+        "heldout": list(load_tokens(args.data, "heldout").shape),
     }
     model, _ = load_model(args.model, dtype=args.dtype)
     adapter = ModelAdapter(model)
@@ -173,7 +192,7 @@ def main() -> None:
     }
     calibration, heldout = load_tokens(args.data, "calibration"), load_tokens(args.data, "heldout")
     t0 = time.perf_counter()
-    ctx = FitnessContext.build(adapter, calibration, topk=512)
+    ctx = FitnessContext.build(adapter, calibration[: args.calibration_rows], topk=512)
     heldout_ref = DenseReference.build(adapter, heldout, topk=512)
     print(f"dense references built in {time.perf_counter() - t0:.0f}s", flush=True)
     if "dense" not in results["cells"]:
