@@ -1,0 +1,375 @@
+"""Quantization: every linear of every block is a unit; its level is its bit-width, from a GPTQ level database.
+
+Levels are *bits* (2, 3, 4, 5, 6 by default; any contiguous range inside 1..8), so a level step is one bit.
+cost = bits x parameters of the linear; budget = average bits per parameter over the block linears (group
+scales and zero points are not counted, as in the paper; the packed model's bytes on disk count them).
+group = the linear's number of weights: a level switch raises one linear a bit and lowers another linear *of
+the same size* a bit, so the average stays exact (the default model has three sizes: q/o, k/v, MLP).
+
+Group size of the grid: 64 by default. The default model's linears have input widths 576 and 1536: the
+authors' 128 does not divide 576, 64 is the largest power of two dividing both (192 would too, at 3x coarser
+groups), and a float16 scale + a zero point per 64 weights costs (16 + bits) / 64 = 0.28..0.34 bits per weight.
+
+`build_database` runs block by block: Hessians from the block's inputs, GPTQ at every bit-width, then the block
+is put at `calib_bits` (3, the authors' choice) and run to produce the next block's inputs, so later layers
+are calibrated on a quantized upstream model. The database stores codes (uint8), float16 scales and uint8 zero
+points per (linear, bits); a level's weight is their dequantization (evopress.gptq.dequantize), exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from evopress.adapter import ModelAdapter
+from evopress.compressors.base import Compressor, Profile
+from evopress.compressors.sparsity import linear_sizes, model_sha256_of, split_unit
+from evopress.database import DatabaseSpec, LevelDatabase
+from evopress.errors import require
+from evopress.gptq import Quantized, check_bits, check_group_size, dequantize, gptq
+from evopress.sparsegpt import HessianAccumulator
+
+
+def parse_bits(value) -> tuple[int, ...]:
+    """'2,3,4' | [2, 3, 4] | 4 -> (2, 3, 4); a contiguous ascending range inside 1..8 (a level step is one bit)."""
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.replace(" ", "").split(",") if v]
+        except ValueError:
+            require(False, f"bits={value!r}; expected comma-separated integers in 1..8 like 2,3,4,5,6")
+    bits = tuple(int(v) for v in (value if isinstance(value, list | tuple) else [value]))
+    require(bits, "bits is empty; expected bit-widths in 1..8 like 2,3,4,5,6")
+    for b in bits:
+        require(1 <= b <= 8, f"bit-width {b} outside 1..8")
+    require(
+        list(bits) == list(range(bits[0], bits[-1] + 1)),
+        f"bits={list(bits)} must be a contiguous ascending range (a level step is one bit), e.g. 2,3,4,5,6",
+    )
+    return bits
+
+
+def _flag(value) -> bool:
+    if isinstance(value, str):
+        require(value.lower() in ("true", "false", "1", "0"), f"expected true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    return bool(value)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6)
+    group_size: int = 64  # input columns per scale/zero point (0 = whole row); must divide every width
+    act_order: bool = False
+    damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
+    calib_bits: int = 3  # the upstream model's bit-width while later blocks are calibrated
+    n_samples: int = 128  # calibration sequences for the Hessians
+    blocksize: int = 128  # columns per lazy-update block (rounded to whole groups)
+    batch_size: int = 8
+
+    @classmethod
+    def from_dict(cls, options: dict | None) -> QuantOptions:
+        options = dict(options or {})
+        allowed = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - allowed - {"model_sha256"})
+        require(not unknown, f"unknown quantization options {unknown}; allowed: {', '.join(sorted(allowed))}")
+        kw = {}
+        for key, value in options.items():
+            if key == "bits":
+                kw[key] = parse_bits(value)
+            elif key == "act_order":
+                kw[key] = _flag(value)
+            elif key in allowed:
+                try:
+                    kw[key] = type(getattr(cls(), key))(value)
+                except ValueError:
+                    require(False, f"option {key}={value!r} is not a {type(getattr(cls(), key)).__name__}")
+        opts = cls(**kw)
+        opts.validate()
+        return opts
+
+    def validate(self) -> None:
+        parse_bits(list(self.bits))
+        check_bits(self.calib_bits)
+        require(
+            self.calib_bits in self.bits, f"calib_bits={self.calib_bits} is not one of bits={list(self.bits)}"
+        )
+        require(self.group_size >= 0, f"group_size={self.group_size} must be >= 0 (0 = one group per row)")
+        require(0 < self.damp < 1, f"damp={self.damp} outside (0, 1)")
+        require(self.n_samples >= 1, f"n_samples={self.n_samples} must be >= 1")
+        require(self.blocksize >= 1, f"blocksize={self.blocksize} must be >= 1")
+        require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+
+    def build_params(self) -> dict:
+        """What a database depends on (checked when it is reused); batch_size is not."""
+        params = asdict(self)
+        del params["batch_size"]
+        params["bits"] = list(self.bits)
+        return params
+
+
+def check_target(target: float, bits: tuple[int, ...]) -> float:
+    require(
+        isinstance(target, int | float) and bits[0] <= float(target) <= bits[-1],
+        f"quantization target {target!r} outside the database's range {bits[0]}..{bits[-1]} (average bits)",
+    )
+    return float(target)
+
+
+def unit_shapes(rows: int, cols: int, group_size: int) -> dict[str, list[int]]:
+    groups = cols // check_group_size(group_size, cols)
+    return {"codes": [rows, cols], "scale": [rows, groups], "zero": [rows, groups]}
+
+
+def database_spec(adapter: ModelAdapter, model_sha256: str, opts: QuantOptions) -> DatabaseSpec:
+    units = {
+        u: {"levels": list(opts.bits), "shapes": unit_shapes(r, c, opts.group_size)}
+        for u, (r, c) in linear_sizes(adapter).items()
+    }
+    return DatabaseSpec(model_sha256, "quantization", opts.build_params(), units)
+
+
+def exact_group_totals(sizes: dict[str, int], target: float, bits: tuple[int, ...]) -> dict[int, int]:
+    """Per size group, the sum of bits over its units so that the parameter-weighted average is `target` exactly.
+
+    Every group gets round(target * count) bits; if that misses the exact total, the target is not reachable
+    with swaps inside groups from this split and is refused (the one-line error names the nearest averages).
+    """
+    counts: dict[int, int] = {}
+    for n in sizes.values():
+        counts[n] = counts.get(n, 0) + 1
+    total = sum(sizes.values())
+    totals = {n: round(target * c) for n, c in counts.items()}
+    reached = sum(n * s for n, s in totals.items())
+    require(
+        abs(reached - target * total) <= 1e-6 * total,
+        f"target {target} average bits cannot be split exactly over the size groups "
+        f"{dict(sorted(counts.items()))} (weights: linears); nearest reachable {reached / total:.6f}",
+    )
+    for n, s in totals.items():
+        require(bits[0] * counts[n] <= s <= bits[-1] * counts[n], f"target {target} outside {bits}")
+    return totals
+
+
+# --- the compressor ------------------------------------------------------------------------------------------
+class QuantizationCompressor(Compressor):
+    method = "quantization"
+
+    def __init__(self, adapter: ModelAdapter, target: float, db: LevelDatabase, opts: QuantOptions):
+        self.adapter = adapter
+        self.db = db
+        self.opts = opts
+        self.target = check_target(target, opts.bits)
+        shapes = linear_sizes(adapter)
+        self.sizes = {u: r * c for u, (r, c) in shapes.items()}
+
+    @property
+    def options(self) -> dict:
+        return {}  # everything else is in the database's manifest
+
+    def _linear(self, unit: str) -> torch.nn.Linear:
+        block, name = split_unit(unit)
+        return self.adapter.linear(block, name)
+
+    def units(self) -> list[str]:
+        return list(self.sizes)
+
+    def levels(self, unit: str) -> list[int]:
+        return list(self.opts.bits)
+
+    def cost(self, unit: str, level: int) -> float:
+        return float(level * self.sizes[unit])
+
+    def group(self, unit: str) -> str:
+        return str(self.sizes[unit])
+
+    def block_of(self, unit: str) -> int:
+        return split_unit(unit)[0]
+
+    def total_params(self) -> int:
+        return sum(self.sizes.values())
+
+    def average_bits(self, profile: Profile) -> float:
+        return self.total_cost(profile) / self.total_params()
+
+    def initial_profile(self) -> Profile:
+        """Uniform at an integer target; else, per size group, floor/ceil bits spread evenly over the group."""
+        profile = {}
+        for n, total in exact_group_totals(self.sizes, self.target, self.opts.bits).items():
+            units = [u for u in self.units() if self.sizes[u] == n]
+            low, extra = divmod(total, len(units))
+            # unit i gets the extra bit when the running share crosses an integer: evenly spread over depth
+            for i, u in enumerate(units):
+                profile[u] = low + ((i + 1) * extra // len(units) - i * extra // len(units))
+        return {u: profile[u] for u in self.units()}
+
+    def quantized(self, unit: str, bits: int) -> Quantized:
+        require(bits in self.opts.bits, f"bit-width {bits} of {unit!r} outside {list(self.opts.bits)}")
+        t = self.db.load(unit, bits)
+        return Quantized(bits, t["codes"], t["scale"], t["zero"])
+
+    def weight(self, unit: str, bits: int) -> torch.Tensor:
+        q = self.quantized(unit, bits)
+        return dequantize(q.codes, q.scale, q.zero)
+
+    @torch.no_grad()
+    def apply(self, unit: str, level: int) -> None:
+        self._linear(unit).weight.copy_(self.weight(unit, level))
+
+
+def open_database(adapter: ModelAdapter, db, options: dict) -> tuple[LevelDatabase, QuantOptions]:
+    """The database, checked against this model; options not given are taken from it (so --db is enough)."""
+    require(db is not None, "quantization needs a level database (--db); build it with `evopress build-db`")
+    database = db if isinstance(db, LevelDatabase) else LevelDatabase.open(Path(db))
+    require(
+        database.method == "quantization",
+        f"database {str(database.root)!r} is a {database.method!r} database, not quantization",
+    )
+    given = {k: v for k, v in options.items() if k != "model_sha256"}
+    opts = QuantOptions.from_dict({**database.params, **given})
+    spec = database_spec(adapter, model_sha256_of(adapter, options), opts)
+    database.require_matches(spec)
+    return database, opts
+
+
+def make(
+    adapter: ModelAdapter, target: float, *, db=None, options: dict | None = None
+) -> QuantizationCompressor:
+    """A compressor over a built database; the database must match this model."""
+    options = dict(options or {})
+    database, opts = open_database(adapter, db, options)
+    return QuantizationCompressor(adapter, target, database, opts)
+
+
+# --- building the database -----------------------------------------------------------------------------------
+def _hessians_and_outputs(adapter, block, hidden, kwargs, batch_size):
+    """Run one block on `hidden` with hooks: X^T X per distinct input tensor (q/k/v share one), and outputs."""
+    linears = adapter.linears(block)
+    accs: dict[str, HessianAccumulator] = {}
+    alias: dict[str, str] = {}
+    last = {"x": None, "name": None}
+
+    def hook_for(name):
+        def hook(_module, args):
+            x = args[0]
+            if last["x"] is x:
+                alias[name] = last["name"]
+                return
+            last["x"], last["name"] = x, name
+            accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
+
+        return hook
+
+    handles = [lin.register_forward_pre_hook(hook_for(n)) for n, lin in linears.items()]
+    try:
+        outs = [adapter.run_blocks(h, kwargs, block, block + 1) for h in hidden.split(batch_size)]
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: accs[alias.get(n, n)].hessian for n in linears}, torch.cat(outs)
+
+
+def _progress(iterable, total, desc):
+    import sys
+
+    if not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc)
+
+
+@torch.no_grad()
+def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict) -> LevelDatabase:
+    """GPTQ every linear of the prepared model at every bit-width; resumable; returns the database."""
+    from evopress.data import load_tokens
+    from evopress.models import load_model, read_manifest
+
+    opts = QuantOptions.from_dict({k: v for k, v in dict(options).items() if k != "target"})
+    model, _ = load_model(str(model_dir), dtype="float32")
+    adapter = ModelAdapter(model)
+    db = LevelDatabase.create(Path(out_dir), database_spec(adapter, read_manifest(model_dir)["sha256"], opts))
+    todo = set(db.todo())
+    started = time.perf_counter()
+    tokens = load_tokens(Path(data_dir), "calibration")[: opts.n_samples]
+    _, kwargs = adapter.block_inputs(tokens[:1])
+    hidden = torch.cat([adapter.block_inputs(t)[0] for t in tokens.split(opts.batch_size)])
+    for block in _progress(range(adapter.num_blocks), adapter.num_blocks, "build-db quantization"):
+        linears = adapter.linears(block)
+        if any(p[0].startswith(f"block.{block}.") for p in todo):
+            hessians, _ = _hessians_and_outputs(adapter, block, hidden, kwargs, opts.batch_size)
+            for name, lin in linears.items():
+                unit = f"block.{block}.{name}"
+                bits = [b for b in opts.bits if (unit, b) in todo]
+                if not bits:
+                    continue
+                for q in gptq(lin.weight, hessians[name], bits, opts.group_size, opts.damp, opts.act_order):
+                    db.write(unit, q.bits, {"codes": q.codes, "scale": q.scale, "zero": q.zero}, flush=False)
+            db.flush()
+        # the next block is calibrated on this one quantized at calib_bits
+        for name, lin in linears.items():
+            t = db.load(f"block.{block}.{name}", opts.calib_bits)
+            lin.weight.copy_(dequantize(t["codes"], t["scale"], t["zero"]))
+        hidden = torch.cat(
+            [adapter.run_blocks(h, kwargs, block, block + 1) for h in hidden.split(opts.batch_size)]
+        )
+    if todo:
+        db.manifest["build_seconds"] = db.manifest.get("build_seconds", 0.0) + time.perf_counter() - started
+    db.finish()
+    return db
+
+
+# --- stitching -----------------------------------------------------------------------------------------------
+def linear_prefix(adapter: ModelAdapter, unit: str) -> str:
+    """The state-dict prefix of a unit's nn.Linear (e.g. model.layers.3.self_attn.q_proj)."""
+    target = adapter.linear(*split_unit(unit))
+    for name, module in adapter.model.named_modules():
+        if module is target:
+            return name
+    raise AssertionError(f"{unit} not found in the model")
+
+
+@torch.no_grad()
+def stitch(model_dir: Path, profile: dict, db: Path | None, out_dir: Path) -> dict:
+    """A profile's bit-widths from the database -> a packed model folder (evopress.packing); returns a report."""
+    import os
+    import shutil
+
+    from evopress.io import atomic_write_json
+    from evopress.models import load_model
+    from evopress.packing import bytes_on_disk, write_packed
+
+    model, tokenizer = load_model(str(model_dir), dtype="float32")
+    adapter = ModelAdapter(model)
+    options = {**profile.get("options", {}), "model_sha256": profile.get("model_sha256") or ""}
+    comp = make(adapter, profile["target"], db=db, options={k: v for k, v in options.items() if v != ""})
+    units = {u: int(b) for u, b in profile["units"].items()}
+    require(
+        set(units) == set(comp.units()),
+        f"profile has {len(units)} units, the model has {len(comp.units())} linears; wrong model or method?",
+    )
+    linears = {linear_prefix(adapter, u): comp.quantized(u, b) for u, b in units.items()}
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write_packed(model, tokenizer, linears, tmp, comp.opts.group_size)
+    sizes = bytes_on_disk(tmp)
+    report = {
+        "method": "quantization",
+        "target": comp.target,
+        "average_bits": comp.average_bits(units),
+        "linear_params": comp.total_params(),
+        "group_size": comp.opts.group_size,
+        "bytes_total": sizes["total"],
+        "bytes_quantized": sizes["quantized.safetensors"],
+        "bytes_dense_rest": sizes["dense.safetensors"],
+        "bits_per_weight_on_disk": 8 * sizes["quantized.safetensors"] / comp.total_params(),
+    }
+    atomic_write_json(tmp / "stitch.json", {**report, "profile": profile})
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return report
