@@ -76,21 +76,31 @@ def layer_errors(comp: QuantizationCompressor, ctx, rows: torch.Tensor) -> dict[
     return errors
 
 
-def dp(comp: QuantizationCompressor, ctx, *, seed: int = 0, tokens: int = 2048) -> dict:
+def budget_units(comp: QuantizationCompressor) -> tuple[list[int], int]:
+    """Unit weights (sizes / gcd) and the exact budget in those units; one-line error if not integral."""
     units = comp.units()
     g = math.gcd(*(comp.sizes[u] for u in units))
-    weights = [comp.sizes[u] // g for u in units]
     exact = comp.target * comp.total_params() / g
     require(
         abs(exact - round(exact)) < 1e-6,
         f"target {comp.target} average bits is not reachable exactly in steps of {g} weights",
     )
-    rows = ctx.sample(random.Random(seed), tokens)
-    errors = layer_errors(comp, ctx, rows)
-    levels = comp.levels(units[0])
-    chosen = solve_dp(weights, [errors[u] for u in units], levels, round(exact))
-    comp.layer_errors = errors  # kept for reports
+    return [comp.sizes[u] // g for u in units], round(exact)
+
+
+def dp_from_errors(comp: QuantizationCompressor, errors: dict[str, list[float]]) -> dict:
+    """The additive-error optimum at the compressor's target, from per-layer errors e(u, b)."""
+    units = comp.units()
+    weights, budget = budget_units(comp)
+    chosen = solve_dp(weights, [errors[u] for u in units], comp.levels(units[0]), budget)
     return dict(zip(units, chosen, strict=True))
+
+
+def dp(comp: QuantizationCompressor, ctx, *, seed: int = 0, tokens: int = 2048) -> dict:
+    budget_units(comp)  # refuse an unreachable target before the expensive part
+    rows = ctx.sample(random.Random(seed), tokens)
+    comp.layer_errors = layer_errors(comp, ctx, rows)  # kept for reports
+    return dp_from_errors(comp, comp.layer_errors)
 
 
 BASELINES = {"uniform": uniform, "dp": dp}

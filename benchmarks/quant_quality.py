@@ -1,0 +1,260 @@
+"""Quantization on the default model: held-out perplexity of EvoPress, DP, uniform GPTQ (integer targets) and
+dense at 2.5/3/3.5/4 average bits per parameter (over the block linears); bytes on disk of every stitched
+(bit-packed) model against the float model; database build time and size.
+
+    .venv/bin/python benchmarks/quant_quality.py [--targets 2.5,3,3.5,4] [--generations 30]
+
+Writes benchmarks/results/quant_quality.json and quant_quality.md. Resumable: the database resumes, searches
+checkpoint every generation under data/search/quant-<target>, the DP's per-layer errors are kept in the json,
+finished cells are skipped. Settings are scaled for a shared 2-core CPU (see --help and the json's "settings"):
+one GPTQ database at 2..6 bits, group size 64, Hessians from 32 x 512 calibration tokens, inputs propagated at
+3 bits; search: 8 offspring, selection on 512 then 2048 tokens, bfloat16 forward; DP errors on 1024 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from evopress.adapter import ModelAdapter
+from evopress.baselines import quantization as qbase
+from evopress.compressors.quantization import build_database, make, stitch
+from evopress.data import load_tokens
+from evopress.evaluate import evaluate_live, evaluate_profile
+from evopress.fitness import DenseReference, perplexity
+from evopress.io import atomic_write_json, atomic_write_text
+from evopress.models import load_model, read_manifest
+from evopress.packing import load_packed
+from evopress.search import FitnessContext, SearchConfig, run_search
+
+RESULTS = Path("benchmarks/results")
+OUT_JSON = RESULTS / "quant_quality.json"
+OUT_MD = RESULTS / "quant_quality.md"
+ROWS = ("evopress", "dp", "uniform")
+
+
+def _set_out(path: str) -> None:
+    global OUT_JSON, OUT_MD
+    OUT_JSON, OUT_MD = Path(path), Path(path).with_suffix(".md")
+
+
+def load_results() -> dict:
+    return json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {"cells": {}}
+
+
+def save(results: dict) -> None:
+    atomic_write_json(OUT_JSON, results)
+    atomic_write_text(OUT_MD, markdown(results))
+
+
+def _fmt(v, spec=".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown(results: dict) -> str:
+    cells, targets = results["cells"], results.get("targets", [])
+    lines = ["| method | " + " | ".join(f"{t:g} bits ppl" for t in targets) + " |"]
+    lines.append("| --- |" + " --- |" * len(targets))
+    dense = cells.get("dense", {}).get("perplexity")
+    lines.append("| dense | " + " | ".join(_fmt(dense) for _ in targets) + " |")
+    for name in ROWS:
+        vals = [cells.get(f"{name}/{t}", {}).get("perplexity") for t in targets]
+        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in vals) + " |")
+    float_mb = results.get("float_model_bytes", 0) / 1e6
+    lines += [
+        "",
+        f"Bytes on disk of the stitched packed models (MB; float32 model: {float_mb:.1f} MB, of which "
+        f"{results.get('float_linear_bytes', 0) / 1e6:.1f} MB block linears):",
+        "",
+    ]
+    lines.append("| method | " + " | ".join(f"{t:g} bits total / linears" for t in targets) + " |")
+    lines.append("| --- |" + " --- |" * len(targets))
+    for name in ROWS:
+        vals = []
+        for t in targets:
+            st = cells.get(f"{name}/{t}", {}).get("stitch")
+            vals.append(
+                "-" if not st else f"{st['bytes_total'] / 1e6:.1f} / {st['bytes_quantized'] / 1e6:.1f}"
+            )
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    db = results.get("database", {})
+    lines += [
+        "",
+        f"database: {db.get('files')} files, {db.get('bytes', 0) / 1e6:.0f} MB, "
+        f"built in {db.get('build_seconds', float('nan')):.0f} s",
+    ]
+    checks = {k: v["packed_perplexity"] for k, v in cells.items() if "packed_perplexity" in v}
+    if checks:
+        lines.append(
+            f"perplexity of the packed folder reloaded with evopress.packing.load_packed: {json.dumps(checks)}"
+        )
+    lines += ["", f"settings: {json.dumps(results.get('settings'))}", ""]
+    return "\n".join(lines)
+
+
+def _restore(adapter, dense_weights) -> None:
+    with torch.no_grad():
+        for (block, name), w in dense_weights.items():
+            adapter.linear(block, name).weight.copy_(w)
+
+
+def _log(info) -> None:
+    if info.generation % 5 == 0:
+        print(f"  generation {info.generation}: KL {info.fitness:.4f} ({info.seconds:.1f}s)", flush=True)
+
+
+def finish_cell(args, results, key, comp, profile, heldout, heldout_ref, started, extra=None) -> None:
+    metrics = evaluate_profile(comp.adapter, comp, profile, heldout, heldout_ref)
+    metrics["average_bits"] = comp.average_bits(profile)
+    metrics["bits_used"] = {str(b): sum(1 for v in profile.values() if v == b) for b in comp.opts.bits}
+    metrics.update(extra or {})
+    name, target = key.split("/")
+    doc = {"method": "quantization", "target": float(target), "options": {}, "source": name, "units": profile}
+    doc["model_sha256"] = read_manifest(Path(args.model))["sha256"]
+    folder = Path(args.stitched) / f"quant-{name}-{target}"
+    atomic_write_json(Path(args.runs) / f"quant-{name}-{target}.profile.json", doc)
+    metrics["stitch"] = stitch(Path(args.model), doc, Path(args.db), folder)
+    if key == f"evopress/{args.check_packed}":  # the packed folder is a working model with the same quality
+        model = load_packed(folder, dtype=getattr(torch, args.dtype))
+        metrics["packed_perplexity"] = perplexity(ModelAdapter(model), heldout, 8)
+        del model
+    results["cells"][key] = {**metrics, "seconds": time.perf_counter() - started}
+    save(results)
+    print(
+        f"{key}: ppl {metrics['perplexity']:.2f} kl {metrics.get('kl', float('nan')):.4f} "
+        f"bytes {metrics['stitch']['bytes_total']}",
+        flush=True,
+    )
+
+
+def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target: float) -> None:
+    cells = results["cells"]
+
+    def fresh():
+        _restore(adapter, dense_weights)
+        return make(adapter, target, db=Path(args.db))
+
+    if float(target).is_integer() and f"uniform/{target}" not in cells:
+        started = time.perf_counter()
+        comp = fresh()
+        finish_cell(
+            args, results, f"uniform/{target}", comp, qbase.uniform(comp), heldout, heldout_ref, started
+        )
+    if f"dp/{target}" not in cells:
+        started = time.perf_counter()
+        comp = fresh()
+        if "dp_layer_errors" not in results:  # target-independent: measured once, on the dense model
+            rows = ctx.sample(random.Random(0), args.dp_tokens)
+            t = time.perf_counter()
+            results["dp_layer_errors"] = qbase.layer_errors(comp, ctx, rows)
+            results["dp_layer_errors_seconds"] = time.perf_counter() - t
+            save(results)
+            print(f"DP per-layer errors in {results['dp_layer_errors_seconds']:.0f}s", flush=True)
+        profile = qbase.dp_from_errors(comp, results["dp_layer_errors"])
+        finish_cell(args, results, f"dp/{target}", comp, profile, heldout, heldout_ref, started)
+    if f"evopress/{target}" not in cells:
+        started = time.perf_counter()
+        comp = fresh()
+        res = run_search(comp, ctx, args.config, Path(args.runs) / f"quant-{target}", on_generation=_log)
+        extra = {
+            "fitness": res.fitness,
+            "generations": len(res.history),
+            "median_seconds_per_generation": statistics.median(h["seconds"] for h in res.history),
+            "db": comp.db.stats(),
+        }
+        finish_cell(
+            args, results, f"evopress/{target}", comp, res.profile, heldout, heldout_ref, started, extra
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="data/model")
+    ap.add_argument("--data", default="data/text")
+    ap.add_argument("--db", default="data/db/quantization")
+    ap.add_argument("--runs", default="data/search")
+    ap.add_argument("--stitched", default="data/stitched")
+    ap.add_argument("--targets", default="2.5,3,3.5,4")
+    ap.add_argument("--generations", type=int, default=30)
+    ap.add_argument("--offspring", type=int, default=8)
+    ap.add_argument("--survivors", default="2,1")
+    ap.add_argument("--tokens", default="512,2048")
+    ap.add_argument("--dp-tokens", type=int, default=1024)
+    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument(
+        "--calibration-rows", type=int, default=64, help="calibration sequences the search samples"
+    )
+    ap.add_argument("--check-packed", type=float, default=3.0, help="target whose packed folder is reloaded")
+    ap.add_argument("--out", default=str(OUT_JSON))
+    args = ap.parse_args()
+    _set_out(args.out)
+    torch.manual_seed(0)
+    targets = [float(t) for t in args.targets.split(",")]
+    db_options = {"n_samples": args.n_samples, "group_size": args.group_size}
+    args.config = SearchConfig(
+        generations=args.generations,
+        offspring=args.offspring,
+        survivors=tuple(int(s) for s in args.survivors.split(",")),
+        tokens=tuple(int(t) for t in args.tokens.split(",")),
+        seed=0,
+        init="uniform",
+        initial_tokens=int(args.tokens.split(",")[0]),  # unused with a uniform start, but validated
+    )
+    results = load_results()
+    results["targets"] = sorted(set(results.get("targets", [])) | set(targets))
+    results["settings"] = {
+        "search": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args.config).items()},
+        "database": db_options,
+        "dtype": args.dtype,
+        "dp_tokens": args.dp_tokens,
+        "calibration_rows": args.calibration_rows,
+        "heldout": list(load_tokens(args.data, "heldout").shape),
+    }
+    t = time.perf_counter()
+    db = build_database(Path(args.model), Path(args.data), Path(args.db), db_options)
+    results["database"] = {
+        "build_seconds": db.manifest.get("build_seconds", time.perf_counter() - t),
+        "bytes": db.size_on_disk(),
+        "files": len(db.pairs()),
+        "options": db.params,
+    }
+    print(f"database ready: {results['database']}", flush=True)
+    model, _ = load_model(args.model, dtype=args.dtype)
+    adapter = ModelAdapter(model)
+    results["float_model_bytes"] = sum(p.stat().st_size for p in Path(args.model).glob("*.safetensors"))
+    linear_params = sum(
+        lin.weight.numel() for i in range(adapter.num_blocks) for lin in adapter.linears(i).values()
+    )
+    results["float_linear_bytes"] = 4 * linear_params
+    save(results)
+    dense_weights = {
+        (i, name): lin.weight.detach().clone()
+        for i in range(adapter.num_blocks)
+        for name, lin in adapter.linears(i).items()
+    }
+    calibration, heldout = load_tokens(args.data, "calibration"), load_tokens(args.data, "heldout")
+    t0 = time.perf_counter()
+    ctx = FitnessContext.build(adapter, calibration[: args.calibration_rows], topk=512)
+    heldout_ref = DenseReference.build(adapter, heldout, topk=512)
+    print(f"dense references built in {time.perf_counter() - t0:.0f}s", flush=True)
+    if "dense" not in results["cells"]:
+        started = time.perf_counter()
+        metrics = evaluate_live(adapter, heldout, heldout_ref)
+        results["cells"]["dense"] = {**metrics, "seconds": time.perf_counter() - started}
+        save(results)
+        print(f"dense: ppl {metrics['perplexity']:.2f}", flush=True)
+    for target in targets:
+        run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target)
+    print(markdown(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
