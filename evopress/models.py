@@ -37,8 +37,26 @@ class ModelSource:
     gguf_file: str | None = None
 
 
+def has_fast_bfloat16() -> bool:
+    """True where bfloat16 matmuls run natively: a CUDA device, or a CPU with AVX512-BF16 / AMX.
+
+    On a CPU without them (e.g. AVX2 only) bfloat16 is emulated and a matmul runs ~40x slower than
+    float32 (measured here on an AVX2 EPYC), so 'auto' must not pick it there.
+    """
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+
+
 def parse_dtype(name: str) -> torch.dtype:
-    require(name in DTYPES, f"unknown dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    """A dtype by name; 'auto' is bfloat16 where it is native (see has_fast_bfloat16), else float32."""
+    if name == "auto":
+        return torch.bfloat16 if has_fast_bfloat16() else torch.float32
+    require(name in DTYPES, f"unknown dtype {name!r}; allowed: auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
