@@ -154,7 +154,7 @@ def main() -> None:
     ap.add_argument("--baseline-tokens", type=int, default=2048)
     ap.add_argument("--num-levels", type=int, default=2)
     ap.add_argument("--n-samples", type=int, default=32)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument(
         "--calibration-rows", type=int, default=64, help="calibration sequences the search samples"
     )
