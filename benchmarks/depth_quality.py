@@ -138,8 +138,12 @@ def main() -> None:
     ap.add_argument("--tokens", default="512,2048")
     ap.add_argument("--baseline-tokens", type=int, default=1024)
     ap.add_argument("--speed-generations", type=int, default=3)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (2 threads on a shared 2-core CPU spin)"
+    )
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ks = [int(k) for k in args.ks.split(",")]
     config = SearchConfig(
@@ -154,7 +158,11 @@ def main() -> None:
     )
     results = load_results()
     results.update(
-        ks=ks, search_config=asdict(config), baseline_tokens=args.baseline_tokens, dtype=args.dtype
+        ks=ks,
+        search_config=asdict(config),
+        baseline_tokens=args.baseline_tokens,
+        dtype=args.dtype,
+        threads=args.threads,
     )
     model, _ = load_model(args.model, dtype=args.dtype)
     adapter = ModelAdapter(model)

@@ -62,7 +62,10 @@ MODEL = typer.Option(Path("data/model"), help="prepared model folder")
 DATA = typer.Option(Path("data/text"), help="prepared token sets (calibration / heldout)")
 DB = typer.Option(None, help="level database folder (sparsity, quantization)")
 OPTION = typer.Option(None, "--option", help="method option key=value (repeatable), e.g. granularity=block")
-DTYPE = typer.Option("bfloat16", help="float32 | bfloat16 | float16 for the forward passes")
+DTYPE = typer.Option(
+    "auto",
+    help="auto | float32 | bfloat16 | float16 for the forward passes (auto: bfloat16 where native, else float32)",
+)
 
 
 @app.command("search")

@@ -13,6 +13,15 @@ from evopress.errors import UserError
 from evopress.search import FitnessContext
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core CPU: a second torch thread only spins (30x slower here); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_units_and_budget():
     adapter = ModelAdapter(tiny_llama(num_layers=4))
     sub = make(adapter, 2)
