@@ -29,7 +29,7 @@ from evopress.data import load_tokens
 from evopress.evaluate import evaluate_live, evaluate_profile
 from evopress.fitness import DenseReference, perplexity
 from evopress.io import atomic_write_json, atomic_write_text
-from evopress.models import load_model, read_manifest
+from evopress.models import load_model, parse_dtype, read_manifest
 from evopress.packing import load_packed
 from evopress.search import FitnessContext, SearchConfig, run_search
 
@@ -121,7 +121,7 @@ def finish_cell(args, results, key, comp, profile, heldout, heldout_ref, started
     atomic_write_json(Path(args.runs) / f"quant-{name}-{target}.profile.json", doc)
     metrics["stitch"] = stitch(Path(args.model), doc, Path(args.db), folder)
     if key == f"evopress/{args.check_packed}":  # the packed folder is a working model with the same quality
-        model = load_packed(folder, dtype=getattr(torch, args.dtype))
+        model = load_packed(folder, dtype=parse_dtype(args.dtype))
         metrics["packed_perplexity"] = perplexity(ModelAdapter(model), heldout, 8)
         del model
     results["cells"][key] = {**metrics, "seconds": time.perf_counter() - started}
@@ -188,7 +188,7 @@ def main() -> None:
     ap.add_argument("--dp-tokens", type=int, default=1024)
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument(
         "--calibration-rows", type=int, default=64, help="calibration sequences the search samples"
     )

@@ -103,7 +103,7 @@ def gptq(
     group_size: int = 64,
     damp: float = 0.01,
     act_order: bool = False,
-    blocksize: int = 128,
+    blocksize: int = 8,
 ) -> list[Quantized]:
     """Quantize `weight` [rows, cols] at every bit-width in `bits` with GPTQ; one `Quantized` per bit-width."""
     rows, cols = weight.shape
@@ -121,8 +121,10 @@ def gptq(
         g = weight.float().T.reshape(cols // group, group, rows).transpose(1, 2)  # [G, rows, group]
         for i, m in enumerate(maxq):
             scale[i], zero[i] = grid_params(g, m)
-    # lazy-update blocks hold whole groups, so a group's params see every update from earlier blocks
-    block = group * max(1, blocksize // group) if group <= blocksize else group
+    # a group's params must see every update from the columns before it: the part of the group inside the
+    # current block is in w1 (in-block updates), the rest in wt (lazy updates of every finished block); that
+    # holds when groups start at block starts or blocks hold whole groups, else blocks are made one group wide
+    block = blocksize if group % blocksize == 0 or blocksize % group == 0 else group
     codes = torch.zeros(n_levels, cols, rows)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -132,7 +134,8 @@ def gptq(
             col = perm[i1 + j].item()
             gi = col // group
             if not act_order and col % group == 0:
-                s, z = grid_params(w1[:, j : j + group].transpose(1, 2), maxq)  # [L, rows]
+                cur = torch.cat([w1[:, j : j + group], wt[:, i2 : i1 + j + group]], dim=1)
+                s, z = grid_params(cur.transpose(1, 2), maxq)  # [L, rows]
                 scale[:, gi], zero[:, gi] = s, z
             s, z = scale[:, gi], zero[:, gi]
             q = quantize_codes(w1[:, j], s, z, maxq)
