@@ -13,7 +13,7 @@ from pathlib import Path
 import typer
 
 from evopress.cli import app
-from evopress.errors import require
+from evopress.errors import UserError, require
 
 # Factories called by `search` with the run's parameters; each returns an on_generation callback or None.
 # Tracking (MLflow) registers itself here, so the search engine and this module stay free of it.
@@ -191,10 +191,9 @@ def evaluate_cmd(
     spec = read_profile(profile) if profile else None
     if spec:
         method = method or spec["method"]
-        require(
-            spec["model_sha256"] in (None, sha) or sha is None,
-            f"profile {str(profile)!r} was made for model {spec['model_sha256'][:12]}, not {sha[:12]}",
-        )
+        made_for = spec["model_sha256"]
+        if made_for and sha and made_for != sha:
+            raise UserError(f"profile {str(profile)!r} was made for model {made_for[:12]}, not {sha[:12]}")
     adapter = _load(model, dtype)
     ref = DenseReference.build(adapter, heldout, batch_size=batch_size) if kl and spec else None
     metrics = {"method": method or "dense", "model_sha256": sha, "dtype": dtype}
