@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from evopress.adapter import ModelAdapter
-from evopress.baselines.depth import BASELINES, sleb_order
+from evopress.baselines.depth import BASELINES, shortened_order, sleb_order
 from evopress.compressors.depth import make
 from evopress.data import load_tokens
 from evopress.evaluate import evaluate_live, evaluate_profile
@@ -66,7 +66,14 @@ def markdown(results: dict) -> str:
             f"| off | {speed['without_reuse']['median_seconds']:.2f} | {speed['without_reuse']['median_step1']:.2f} |",
             f"| speed-up | {speed['speedup']:.2f}x | {speed['speedup_step1']:.2f}x |",
         ]
-    lines += ["", f"search settings: {json.dumps(results.get('search_config'))}", ""]
+    lines += [
+        "",
+        f"search settings: {json.dumps(results.get('search_config'))}",
+        f"held-out sequences: {results.get('heldout_rows')} x 512 tokens; calibration sequences sampled: "
+        f"{results.get('calibration_rows')}; baseline tokens: {results.get('baseline_tokens')}; "
+        f"dtype {results.get('dtype')}, {results.get('threads')} torch thread(s)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -97,13 +104,16 @@ def speed_run(adapter, ctx, config: SearchConfig, k: int, generations: int) -> d
 def baseline_cell(adapter, ctx, heldout, name, k, k_max, args, sleb_cache) -> dict:
     t = time.perf_counter()
     comp = make(adapter, k, options={"granularity": "sublayer" if name == "random" else "block"})
-    if name == "sleb":  # greedy: one run to k_max gives every smaller k as a prefix
-        if "order" not in sleb_cache:
+    if name in ("sleb", "shortened_ppl"):  # orders: one run gives every k as a prefix
+        if name not in sleb_cache:
             big = make(adapter, k_max, options={"granularity": "block"})
-            sleb_cache["order"] = sleb_order(big, ctx, k_max, seed=0, tokens=args.baseline_tokens)
-            sleb_cache["seconds"] = time.perf_counter() - t
-        profile = comp.profile_from_blocks(sleb_cache["order"][:k])
-        seconds = sleb_cache["seconds"]
+            if name == "sleb":
+                order = sleb_order(big, ctx, k_max, seed=0, tokens=args.baseline_tokens)
+            else:
+                order = shortened_order(big, ctx, seed=0, tokens=args.baseline_tokens)
+            sleb_cache[name] = (order, time.perf_counter() - t)
+        order, seconds = sleb_cache[name]
+        profile = comp.profile_from_blocks(order[:k])
     else:
         profile = BASELINES[name](comp, ctx, seed=0, tokens=args.baseline_tokens)
         seconds = time.perf_counter() - t
@@ -132,17 +142,26 @@ def main() -> None:
     ap.add_argument("--model", default="data/model")
     ap.add_argument("--data", default="data/text")
     ap.add_argument("--ks", default="4,8,12")
-    ap.add_argument("--generations", type=int, default=25)
+    ap.add_argument("--generations", type=int, default=15)
     ap.add_argument("--offspring", type=int, default=8)
     ap.add_argument("--survivors", default="2,1")
-    ap.add_argument("--tokens", default="512,2048")
-    ap.add_argument("--baseline-tokens", type=int, default=1024)
-    ap.add_argument("--speed-generations", type=int, default=3)
+    ap.add_argument("--tokens", default="512,1024")
+    ap.add_argument("--baseline-tokens", type=int, default=512)
+    ap.add_argument("--speed-generations", type=int, default=2)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument(
+        "--calibration-rows", type=int, default=64, help="calibration sequences the search samples"
+    )
+    ap.add_argument("--heldout-rows", type=int, default=16, help="held-out sequences for perplexity")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (2 threads on a shared 2-core CPU spin)"
     )
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the json and stop")
     args = ap.parse_args()
+    if args.report_only:
+        save(load_results())
+        print(markdown(load_results()))
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ks = [int(k) for k in args.ks.split(",")]
@@ -153,8 +172,8 @@ def main() -> None:
         tokens=tuple(int(t) for t in args.tokens.split(",")),
         seed=0,
         init="random",
-        initially_generated=16,
-        initial_tokens=1024,
+        initially_generated=8,
+        initial_tokens=512,
     )
     results = load_results()
     results.update(
@@ -163,10 +182,13 @@ def main() -> None:
         baseline_tokens=args.baseline_tokens,
         dtype=args.dtype,
         threads=args.threads,
+        calibration_rows=args.calibration_rows,
+        heldout_rows=args.heldout_rows,
     )
     model, _ = load_model(args.model, dtype=args.dtype)
     adapter = ModelAdapter(model)
-    calibration, heldout = load_tokens(args.data, "calibration"), load_tokens(args.data, "heldout")
+    calibration = load_tokens(args.data, "calibration")[: args.calibration_rows]
+    heldout = load_tokens(args.data, "heldout")[: args.heldout_rows]
     t0 = time.perf_counter()
     ctx = FitnessContext.build(adapter, calibration, topk=512)
     print(f"dense reference built in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -179,7 +201,7 @@ def main() -> None:
         results["speed"] = speed_run(adapter, ctx, config, 8, args.speed_generations)
         save(results)
     print(f"speed: {json.dumps({k: v for k, v in results['speed'].items() if not isinstance(v, dict)})}")
-    sleb_cache: dict[str, list] = {}
+    sleb_cache: dict[str, tuple] = {}
     for k in ks:  # baselines first (cheap), then the searches: the main (sublayer) row before the block row
         for name in BASELINE_NAMES:
             key = f"{name}/k{k}"

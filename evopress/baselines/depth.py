@@ -91,9 +91,14 @@ def _removal_losses(comp: DepthCompressor, ctx: FitnessContext, rows, removed: l
     return losses
 
 
-def shortened_ppl(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+def shortened_order(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> list:
+    """Blocks from least to most harmful to remove alone (the answer for any k is the first k)."""
     losses = _removal_losses(comp, ctx, _rows(ctx, seed, tokens), [])
-    return comp.profile_from_blocks(sorted(losses, key=losses.get)[: comp.k])
+    return sorted(losses, key=losses.get)
+
+
+def shortened_ppl(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+    return comp.profile_from_blocks(shortened_order(comp, ctx, seed=seed, tokens=tokens)[: comp.k])
 
 
 def sleb_order(
