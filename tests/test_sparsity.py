@@ -305,3 +305,15 @@ def test_cli_search_baselines_evaluate_stitch(prepared, built, tmp_path):
         "--out",
         str(tmp_path / "e.json"),
     )
+
+
+def test_uniform_inputs_change_only_later_blocks(prepared, built, tmp_path):
+    out = tmp_path / "db_uniform"
+    sparsity.build_database(
+        prepared / "model", prepared / "text", out, {"target": 0.5, **OPTS, "inputs": "uniform"}
+    )
+    dense, uniform = LevelDatabase.open(built), LevelDatabase.open(out)
+    for unit, level in dense.pairs():
+        same = torch.equal(dense.load(unit, level)["weight"], uniform.load(unit, level)["weight"])
+        pruned = int((dense.load(unit, level)["weight"] == 0).sum())
+        assert same == (unit.startswith("block.0.") or pruned == 0), (unit, level)  # 0 pruned: dense weights
