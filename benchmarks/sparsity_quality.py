@@ -104,7 +104,7 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
             continue
         started = time.perf_counter()
         comp = fresh()
-        extra = {"grid": True} if name == "owl" else {}
+        extra = {"grid": True, "lambdas": args.owl_lambdas, "ms": args.owl_ms} if name == "owl" else {}
         profile = BASELINES[name](comp, ctx, seed=0, tokens=args.baseline_tokens, **extra)
         metrics = evaluate_profile(adapter, comp, profile, heldout, heldout_ref)
         metrics["sparsity"] = comp.sparsity(profile)
@@ -159,9 +159,14 @@ def main() -> None:
         "--calibration-rows", type=int, default=64, help="calibration sequences the search samples"
     )
     ap.add_argument("--out", default=str(OUT_JSON))
+    ap.add_argument("--heldout-rows", type=int, default=32, help="held-out sequences for the perplexity")
+    ap.add_argument("--owl-lambdas", default="0.02,0.05,0.08,0.1,0.15,0.2")
+    ap.add_argument("--owl-ms", default="3,5,7,10")
     ap.add_argument("--heldout-kl", action="store_true", help="also report held-out KL to the dense model")
     args = ap.parse_args()
     _set_out(args.out)
+    args.owl_lambdas = tuple(float(x) for x in args.owl_lambdas.split(","))
+    args.owl_ms = tuple(float(x) for x in args.owl_ms.split(","))
     torch.manual_seed(0)
     targets = [float(t) for t in args.targets.split(",")]
     args.db_options = {"num_levels": args.num_levels, "n_samples": args.n_samples}
@@ -182,7 +187,8 @@ def main() -> None:
         "dtype": args.dtype,
         "baseline_tokens": args.baseline_tokens,
         "calibration_rows": args.calibration_rows,
-        "heldout": list(load_tokens(args.data, "heldout").shape),
+        "heldout_rows": args.heldout_rows,
+        "owl_grid": {"lambdas": args.owl_lambdas, "ms": args.owl_ms},
     }
     model, _ = load_model(args.model, dtype=args.dtype)
     adapter = ModelAdapter(model)
@@ -191,7 +197,8 @@ def main() -> None:
         for i in range(adapter.num_blocks)
         for name, lin in adapter.linears(i).items()
     }
-    calibration, heldout = load_tokens(args.data, "calibration"), load_tokens(args.data, "heldout")
+    calibration = load_tokens(args.data, "calibration")
+    heldout = load_tokens(args.data, "heldout")[: args.heldout_rows]
     t0 = time.perf_counter()
     ctx = FitnessContext.build(adapter, calibration[: args.calibration_rows], topk=512)
     # held-out KL doubles the cost of every evaluation; perplexity is the figure asked for

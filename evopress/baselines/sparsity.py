@@ -103,6 +103,8 @@ def owl(
     lam: float | None = None,
     m: float | None = None,
     grid: bool | None = None,
+    lambdas: tuple[float, ...] = OWL_LAMBDAS,
+    ms: tuple[float, ...] = OWL_MS,
 ) -> dict:
     given = comp.baseline_options  # `baseline --option owl_lambda=.. owl_m=.. owl_grid=true`
     lam = float(given.get("lambda", 0.08) if lam is None else lam)
@@ -115,9 +117,7 @@ def owl(
     norms = input_norms(comp, ctx, ctx.sample(rng, tokens))  # activations and weights of the dense model
     candidates = [(lam, m)]
     if str(grid).lower() in ("1", "true", "yes"):
-        candidates = [
-            (la, mm) for la in OWL_LAMBDAS for mm in OWL_MS if la < min(comp.target, 1 - comp.target)
-        ]
+        candidates = [(la, mm) for la in lambdas for mm in ms if la < min(comp.target, 1 - comp.target)]
     ratios = {mm: outlier_ratios(comp, norms, mm) for mm in {mm for _, mm in candidates}}
     profiles = [
         profile_for_block_sparsity(comp, owl_block_sparsity(ratios[mm], comp.target, la))
