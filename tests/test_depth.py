@@ -80,6 +80,10 @@ def test_block_drop_equals_both_sublayers(tokens):
     assert torch.equal(a, adapter.forward_logits(tokens))
 
 
+def stitched_layers(granularity: str) -> int:
+    return 2 if granularity == "block" else 4
+
+
 @pytest.mark.parametrize("granularity", ["block", "sublayer"])
 def test_stitch_matches_live_profile(tmp_path, tokens, granularity):
     from transformers import AutoModelForCausalLM
@@ -101,9 +105,11 @@ def test_stitch_matches_live_profile(tmp_path, tokens, granularity):
     comp.apply_profile(units)
     live = adapter.forward_logits(tokens)
     profile = make_profile(comp, units, target=2, source="test")
-    out = stitch(src, profile, None, tmp_path / "out")
+    out = tmp_path / "out"
+    report = stitch(src, profile, None, out)
+    assert report["num_hidden_layers"] == stitched_layers(granularity)
     stitched = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert stitched.config.num_hidden_layers == (2 if granularity == "block" else 4)
+    assert stitched.config.num_hidden_layers == stitched_layers(granularity)
     with torch.no_grad():
         torch.testing.assert_close(stitched(tokens).logits, live, atol=1e-5, rtol=1e-5)
     assert (out / "profile.json").exists()

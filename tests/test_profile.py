@@ -157,6 +157,22 @@ def test_search_baseline_evaluate(monkeypatch, capsys, prepared, tmp_path):
     assert code == 0, err
     m = json.loads(metrics.read_text())
     assert m["method"] == "depth" and m["perplexity"] > 1 and m["kl"] > 0
+    stitched = tmp_path / "stitched"
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "stitch",
+        "--method",
+        "depth",
+        "--model",
+        prepared / "model",
+        "--profile",
+        out / "profile.json",
+        "--out",
+        stitched,
+    )
+    assert code == 0, err
+    assert json.loads((stitched / "config.json").read_text())["num_hidden_layers"] == 4
     code, _, err = run_cli(monkeypatch, capsys, "evaluate", *common(prepared), "--out", tmp_path / "d.json")
     dense = json.loads((tmp_path / "d.json").read_text())
     assert code == 0 and dense["method"] == "dense" and dense["perplexity"] != m["perplexity"]

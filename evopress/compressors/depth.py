@@ -13,6 +13,7 @@ become zeroed output projections (output-exact, loadable by plain transformers).
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,12 +137,12 @@ class DepthCompressor(Compressor):
         return {g: sorted(b) for g, b in out.items()}
 
 
-def stitch(model_dir: Path, profile: dict, db, out_dir: Path) -> Path:
+def stitch(model_dir: Path, profile: dict, db, out_dir: Path) -> dict:
     """Write the depth-pruned model of `profile` (a profile json dict) into `out_dir`, with the profile beside it."""
     import torch
 
-    from evopress.io import atomic_write_json
-    from evopress.models import load_model, save_model
+    from evopress.models import load_model
+    from evopress.stitch import write_model_folder
 
     model, tokenizer = load_model(str(model_dir))
     adapter = ModelAdapter(model)
@@ -173,6 +174,12 @@ def stitch(model_dir: Path, profile: dict, db, out_dir: Path) -> Path:
                     t for i, t in enumerate(model.config.layer_types) if i not in set(removed["block"])
                 ]
             model.config.num_hidden_layers = len(keep)
-    save_model(model, tokenizer, out_dir, f"{model_dir} + depth profile")
-    atomic_write_json(Path(out_dir) / "profile.json", profile)
-    return Path(out_dir)
+    report = {
+        "granularity": comp.granularity,
+        "removed": json.dumps(removed),
+        "num_hidden_layers": model.config.num_hidden_layers,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    extra = {"profile.json": profile, "stitch.json": report}
+    write_model_folder(model, tokenizer, Path(out_dir), f"{model_dir} + depth profile", extra)
+    return report
