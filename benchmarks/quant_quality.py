@@ -194,8 +194,12 @@ def main() -> None:
     )
     ap.add_argument("--check-packed", type=float, default=3.0, help="target whose packed folder is reloaded")
     ap.add_argument("--out", default=str(OUT_JSON))
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (2 on this oversubscribed CPU: 14x slower)"
+    )
     args = ap.parse_args()
     _set_out(args.out)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     targets = [float(t) for t in args.targets.split(",")]
     db_options = {"n_samples": args.n_samples, "group_size": args.group_size}
