@@ -146,18 +146,6 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
         finish_cell(
             args, results, f"uniform/{target}", comp, qbase.uniform(comp), heldout, heldout_ref, started
         )
-    if f"dp/{target}" not in cells:
-        started = time.perf_counter()
-        comp = fresh()
-        if "dp_layer_errors" not in results:  # target-independent: measured once, on the dense model
-            rows = ctx.sample(random.Random(0), args.dp_tokens)
-            t = time.perf_counter()
-            results["dp_layer_errors"] = qbase.layer_errors(comp, ctx, rows)
-            results["dp_layer_errors_seconds"] = time.perf_counter() - t
-            save(results)
-            print(f"DP per-layer errors in {results['dp_layer_errors_seconds']:.0f}s", flush=True)
-        profile = qbase.dp_from_errors(comp, results["dp_layer_errors"])
-        finish_cell(args, results, f"dp/{target}", comp, profile, heldout, heldout_ref, started)
     if f"evopress/{target}" not in cells:
         started = time.perf_counter()
         comp = fresh()
@@ -171,6 +159,21 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
         finish_cell(
             args, results, f"evopress/{target}", comp, res.profile, heldout, heldout_ref, started, extra
         )
+    if f"dp/{target}" not in cells:
+        started = time.perf_counter()
+        comp = fresh()
+        if "dp_layer_errors" not in results:  # target-independent: measured once, on the dense model
+            n_rows = -(-args.dp_tokens // args.dp_seq)
+            rows = sorted(random.Random(0).sample(range(len(args.calibration)), n_rows))
+            dp_tokens = args.calibration[rows, : args.dp_seq]
+            t = time.perf_counter()
+            dp_ctx = FitnessContext.build(adapter, dp_tokens, topk=512)
+            results["dp_layer_errors"] = qbase.layer_errors(comp, dp_ctx, torch.arange(n_rows))
+            results["dp_layer_errors_seconds"] = time.perf_counter() - t
+            save(results)
+            print(f"DP per-layer errors in {results['dp_layer_errors_seconds']:.0f}s", flush=True)
+        profile = qbase.dp_from_errors(comp, results["dp_layer_errors"])
+        finish_cell(args, results, f"dp/{target}", comp, profile, heldout, heldout_ref, started)
 
 
 def main() -> None:
@@ -186,6 +189,8 @@ def main() -> None:
     ap.add_argument("--survivors", default="2,1")
     ap.add_argument("--tokens", default="512,2048")
     ap.add_argument("--dp-tokens", type=int, default=1024)
+    ap.add_argument("--dp-seq", type=int, default=512, help="sequence length of the DP's error rows")
+    ap.add_argument("--heldout-rows", type=int, default=0, help="held-out sequences evaluated (0 = all)")
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--dtype", default="auto")
@@ -219,8 +224,9 @@ def main() -> None:
         "database": db_options,
         "dtype": args.dtype,
         "dp_tokens": args.dp_tokens,
+        "dp_seq": args.dp_seq,
         "calibration_rows": args.calibration_rows,
-        "heldout": list(load_tokens(args.data, "heldout").shape),
+        "heldout": [args.heldout_rows or len(load_tokens(args.data, "heldout")), 512],
     }
     t = time.perf_counter()
     db = build_database(Path(args.model), Path(args.data), Path(args.db), db_options)
@@ -245,6 +251,8 @@ def main() -> None:
         for name, lin in adapter.linears(i).items()
     }
     calibration, heldout = load_tokens(args.data, "calibration"), load_tokens(args.data, "heldout")
+    heldout = heldout[: args.heldout_rows or len(heldout)]
+    args.calibration = calibration
     t0 = time.perf_counter()
     ctx = FitnessContext.build(adapter, calibration[: args.calibration_rows], topk=512)
     heldout_ref = DenseReference.build(adapter, heldout, topk=512)
