@@ -31,7 +31,7 @@ from evopress.search import FitnessContext, SearchConfig, run_search
 RESULTS = Path("benchmarks/results")
 OUT_JSON = RESULTS / "depth_quality.json"
 OUT_MD = RESULTS / "depth_quality.md"
-RUNS = RESULTS / "depth_quality_runs"
+RUNS = Path("data/benchmarks/depth_quality_runs")  # checkpoints and the cached dense reference (git-ignored)
 BASELINE_NAMES = ("shortgpt", "window", "shortened_ppl", "sleb", "random")
 
 
@@ -137,20 +137,36 @@ def search_cell(adapter, ctx, heldout, config, gran, k) -> dict:
     return cell
 
 
+def cached_context(adapter, calibration, args) -> FitnessContext:
+    """The dense top-512 reference on the calibration rows, cached on disk (minutes on this CPU)."""
+    from safetensors.torch import load_file
+
+    from evopress.fitness import DenseReference
+    from evopress.io import atomic_save_safetensors
+
+    path = RUNS / f"dense_ref_{args.calibration_rows}rows_{args.dtype}.safetensors"
+    if path.exists():
+        t = load_file(path)
+        return FitnessContext(adapter, calibration, DenseReference(512, t["logp"], t["index"]))
+    ctx = FitnessContext.build(adapter, calibration, topk=512)
+    atomic_save_safetensors(path, {"logp": ctx.ref.logp, "index": ctx.ref.index})
+    return ctx
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="data/model")
     ap.add_argument("--data", default="data/text")
     ap.add_argument("--ks", default="4,8,12")
-    ap.add_argument("--generations", type=int, default=10)
-    ap.add_argument("--offspring", type=int, default=8)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--offspring", type=int, default=6)
     ap.add_argument("--survivors", default="2,1")
-    ap.add_argument("--tokens", default="512,1024")
+    ap.add_argument("--tokens", default="512,512")
     ap.add_argument("--baseline-tokens", type=int, default=512)
-    ap.add_argument("--speed-generations", type=int, default=2)
+    ap.add_argument("--speed-generations", type=int, default=1)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument(
-        "--calibration-rows", type=int, default=32, help="calibration sequences the search samples"
+        "--calibration-rows", type=int, default=16, help="calibration sequences the search samples"
     )
     ap.add_argument("--heldout-rows", type=int, default=8, help="held-out sequences for perplexity")
     ap.add_argument(
@@ -172,7 +188,7 @@ def main() -> None:
         tokens=tuple(int(t) for t in args.tokens.split(",")),
         seed=0,
         init="random",
-        initially_generated=8,
+        initially_generated=6,
         initial_tokens=512,
     )
     results = load_results()
@@ -190,7 +206,7 @@ def main() -> None:
     calibration = load_tokens(args.data, "calibration")[: args.calibration_rows]
     heldout = load_tokens(args.data, "heldout")[: args.heldout_rows]
     t0 = time.perf_counter()
-    ctx = FitnessContext.build(adapter, calibration, topk=512)
+    ctx = cached_context(adapter, calibration, args)
     print(f"dense reference built in {time.perf_counter() - t0:.0f}s", flush=True)
     cells = results["cells"]
     if "dense" not in cells:
@@ -200,12 +216,27 @@ def main() -> None:
     sleb_cache: dict[str, tuple] = {}
     for k in ks:  # baselines first (cheap), then the searches: the main (sublayer) row before the block row
         for name in BASELINE_NAMES:
+            if name == "sleb":
+                continue  # the costliest baseline (k x n removals) runs after the main search row
             key = f"{name}/k{k}"
             if key not in cells:
                 cells[key] = baseline_cell(adapter, ctx, heldout, name, k, max(ks), args, sleb_cache)
                 save(results)
             print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({cells[key]['seconds']:.0f}s)", flush=True)
-    for gran in ("sublayer", "speed", "block"):  # the main row first; the timing run before the block row
+    for gran in (
+        "sublayer",
+        "speed",
+        "sleb",
+        "block",
+    ):  # the main row first, then timing, SLEB, the block row
+        if gran == "sleb":
+            for k in ks:
+                key = f"sleb/k{k}"
+                if key not in cells:
+                    cells[key] = baseline_cell(adapter, ctx, heldout, "sleb", k, max(ks), args, sleb_cache)
+                    save(results)
+                print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({cells[key]['seconds']:.0f}s)", flush=True)
+            continue
         if gran == "speed":
             if "speed" not in results and args.speed_generations:
                 results["speed"] = speed_run(adapter, ctx, config, 8, args.speed_generations)
