@@ -104,15 +104,17 @@ def speed_run(adapter, ctx, config: SearchConfig, k: int, generations: int) -> d
 def baseline_cell(adapter, ctx, heldout, name, k, k_max, args, sleb_cache) -> dict:
     t = time.perf_counter()
     comp = make(adapter, k, options={"granularity": "sublayer" if name == "random" else "block"})
-    if name in ("sleb", "shortened_ppl"):  # orders: one run gives every k as a prefix
-        if name not in sleb_cache:
-            big = make(adapter, k_max, options={"granularity": "block"})
-            if name == "sleb":
-                order = sleb_order(big, ctx, k_max, seed=0, tokens=args.baseline_tokens)
-            else:
-                order = shortened_order(big, ctx, seed=0, tokens=args.baseline_tokens)
-            sleb_cache[name] = (order, time.perf_counter() - t)
-        order, seconds = sleb_cache[name]
+    if name in ("sleb", "shortened_ppl"):  # orders: the answer for k is the first k (kept in the json)
+        big = make(adapter, k_max, options={"granularity": "block"})
+        done = sleb_cache.get(name, {"order": [], "seconds": 0.0})
+        if name == "sleb" and len(done["order"]) < k:  # continue the greedy order (same seed and tokens)
+            order = sleb_order(big, ctx, k, seed=0, tokens=args.baseline_tokens, start=done["order"])
+            done = {"order": order, "seconds": done["seconds"] + time.perf_counter() - t}
+        elif name == "shortened_ppl" and not done["order"]:
+            order = shortened_order(big, ctx, seed=0, tokens=args.baseline_tokens)
+            done = {"order": order, "seconds": time.perf_counter() - t}
+        sleb_cache[name] = done
+        order, seconds = done["order"], done["seconds"]
         profile = comp.profile_from_blocks(order[:k])
     else:
         profile = BASELINES[name](comp, ctx, seed=0, tokens=args.baseline_tokens)
@@ -213,7 +215,7 @@ def main() -> None:
         cells["dense"] = evaluate_live(adapter, heldout)
         save(results)
     print(f"dense: {cells['dense']}", flush=True)
-    sleb_cache: dict[str, tuple] = {}
+    sleb_cache = results.setdefault("orders", {})
     for k in ks:  # baselines first (cheap), then the searches: the main (sublayer) row before the block row
         for name in BASELINE_NAMES:
             if name == "sleb":
