@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 # Modules that add commands to `app` when imported (one per topic, so methods do not share a file).
-COMMAND_MODULES: list[str] = ["evopress.cli_database", "evopress.cli_compress"]
+COMMAND_MODULES: list[str] = ["evopress.cli_database", "evopress.cli_compress", "evopress.cli_pipeline"]
 
 
 @app.command("prepare-model")

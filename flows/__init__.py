@@ -1,0 +1,1 @@
+"""Prefect flows: run the DVC stage graph in order, with retries, progress, schedules."""

@@ -1,0 +1,142 @@
+"""The main flow: run the DVC stage graph in order, with retries, a progress artifact and a results table.
+
+    python -m flows.compress run                  # the whole pipeline now (what `make run` does)
+    python -m flows.compress serve --cron "0 3 * * 0"   # recompress every Sunday 03:00 (long-running process)
+    python -m flows.compress deploy --pool evopress-gpu --cron "0 3 * * 0"   # a deployment on a work pool
+
+Works with no Prefect server (a temporary local one starts with the flow) and against a server
+(`prefect config set PREFECT_API_URL=...`). DVC decides what to run: an unchanged stage is skipped in a second,
+a stage killed mid-way resumes (databases and searches persist their partial work) and its task retries.
+
+One workspace, one flow: a lock file (`.evopress.lock`) is held for the whole run; a second flow started in the
+same workspace refuses at once with a clear message (or waits, with `--wait SECONDS`). DVC's own repo lock would
+stop a second `dvc repro` too, but mid-way and less clearly.
+
+GPU hosts: create a process work pool and start one worker per GPU, each seeing one device and owning its own clone
+of the project (one workspace per worker, because of the lock above):
+
+    prefect work-pool create evopress-gpu --type process
+    python -m flows.compress deploy --pool evopress-gpu --cron "0 3 * * 0"
+    (cd clone0 && CUDA_VISIBLE_DEVICES=0 prefect worker start --pool evopress-gpu --limit 1) &
+    (cd clone1 && CUDA_VISIBLE_DEVICES=1 prefect worker start --pool evopress-gpu --limit 1) &
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from tasks.stages import check_params, close_pipeline_run, list_stages, open_pipeline_run, run_stage
+
+LOCK_FILE = ".evopress.lock"
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+class WorkspaceBusy(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def workspace_lock(project: Path, wait: float = 0.0):
+    """Hold an exclusive lock on the workspace; refuse (or wait up to `wait` seconds) if another flow holds it."""
+    path = project / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = path.read_text().strip() or "unknown"
+                    raise WorkspaceBusy(
+                        f"another evopress flow is running in {project} ({holder}); "
+                        "wait for it to finish or start this one with --wait SECONDS"
+                    ) from None
+                time.sleep(2)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock (also when the process dies)
+
+
+def results_table(project: Path) -> tuple[list[dict], str]:
+    from evopress.cli_pipeline import METRICS
+    from evopress.report import load_metrics, markdown, table_rows
+
+    rows = table_rows(load_metrics(project / METRICS))
+    return rows, markdown(rows)
+
+
+@flow(name="evopress-compress", log_prints=True)
+def compress(project: str = str(PROJECT), wait: float = 0.0) -> dict:
+    """Reproduce every DVC stage in order (one at a time); end with the results table."""
+    root = Path(project).resolve()
+    with workspace_lock(root, wait):
+        check_params(str(root))
+        stages = list_stages(root)
+        print(f"{len(stages)} stages: {', '.join(stages)}")
+        run_id = open_pipeline_run(str(root), name=f"pipeline {time.strftime('%Y-%m-%d %H:%M')}")
+        env = {"EVOPRESS_MLFLOW_PARENT_RUN": run_id} if run_id else {}
+        progress = create_progress_artifact(0.0, key="evopress-progress", description="stages done, %")
+        ran, status, table_md = [], "FAILED", None
+        try:
+            for i, stage in enumerate(stages):
+                t0 = time.monotonic()
+                if run_stage(stage, str(root), env):
+                    ran.append(stage)
+                print(f"[{i + 1}/{len(stages)}] {stage}: {time.monotonic() - t0:.0f} s")
+                update_progress_artifact(progress, 100.0 * (i + 1) / len(stages))
+            rows, table_md = results_table(root)
+            create_table_artifact(
+                rows, key="evopress-results", description="held-out results of every profile"
+            )
+            status = "FINISHED"
+        finally:
+            close_pipeline_run(str(root), run_id, status, table_md)
+    print(table_md)
+    if run_id:
+        from evopress import params as P
+        from evopress import tracking
+
+        uri, _ = tracking.uris(P.load(root / "params.yaml").tracking, root)
+        print(f"MLflow runs (parent {run_id}): mlflow ui --backend-store-uri {uri}")
+    return {"ran": ran, "table": rows, "mlflow_run": run_id}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.compress", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline now")
+    run.add_argument("--project", default=str(PROJECT))
+    run.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another flow's lock")
+    serve = sub.add_parser("serve", help="serve the flow on a cron schedule (blocks)")
+    serve.add_argument("--cron", default="0 3 * * 0")
+    serve.add_argument("--project", default=str(PROJECT))
+    deploy = sub.add_parser("deploy", help="create a deployment on a process work pool (needs a server)")
+    deploy.add_argument("--pool", required=True)
+    deploy.add_argument("--cron", default=None)
+    args = parser.parse_args()
+    if args.command == "run":
+        try:
+            compress(project=args.project, wait=args.wait)
+        except WorkspaceBusy as err:
+            raise SystemExit(f"error: {err}") from None
+    elif args.command == "serve":
+        compress.serve(name="evopress-recompress", cron=args.cron, parameters={"project": args.project})
+    else:
+        flow_ = compress.from_source(source=str(PROJECT), entrypoint="flows/compress.py:compress")
+        flow_.deploy(name="evopress-gpu", work_pool_name=args.pool, cron=args.cron)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""One Prefect task per DVC stage: `dvc repro --single-item <stage>`, its output streamed into the task's log.
+
+Stages run one at a time (the flow calls them in order and waits): two `dvc` processes in one workspace contend for
+its repo lock. A stage that DVC finds up to date costs a second; a failed one is retried, and because databases and
+searches resume from their persisted outputs, a retry (or a re-run after a kill) continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+RAN_MARK = "Running stage '"
+
+
+def dvc_executable() -> str:
+    """`dvc` next to this interpreter (the project's venv) when present, else from PATH."""
+    local = Path(sys.executable).parent / "dvc"
+    return str(local) if local.exists() else (shutil.which("dvc") or "dvc")
+
+
+def list_stages(project: Path) -> list[str]:
+    """Stage names in dvc.yaml order (foreach stages expanded): the file lists them in dependency order."""
+    res = subprocess.run(
+        [dvc_executable(), "stage", "list", "--name-only"], cwd=project, capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"dvc stage list failed: {res.stderr.strip()}")
+    return [line.strip() for line in res.stdout.splitlines() if line.strip()]
+
+
+@task(retries=2, retry_delay_seconds=10, task_run_name="stage {stage}")
+def run_stage(stage: str, project: str, env: dict[str, str] | None = None) -> bool:
+    """Reproduce one stage; returns whether DVC ran it (False: it was up to date)."""
+    logger = get_run_logger()
+    bin_dir = str(Path(sys.executable).parent)
+    full_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    cmd = [dvc_executable(), "repro", "--single-item", stage]
+    proc = subprocess.Popen(
+        cmd, cwd=project, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    ran = False
+    for line in proc.stdout:  # streamed as it comes: a long search shows its progress lines live
+        line = line.rstrip()
+        if line:
+            ran = ran or line.startswith(RAN_MARK)
+            logger.info(line)
+    if proc.wait() != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed with exit status {proc.returncode}")
+    return ran
+
+
+@task(task_run_name="check params")
+def check_params(project: str) -> None:
+    """The params file against its schema, before any stage starts (a bad key fails here in one line)."""
+    from evopress import params as P
+
+    P.load(Path(project) / "params.yaml")
+
+
+@task(task_run_name="mlflow parent run")
+def open_pipeline_run(project: str, name: str) -> str | None:
+    from evopress import params as P
+
+    p = P.load(Path(project) / "params.yaml")
+    if not p.tracking.enabled:
+        return None
+    from evopress import tracking
+
+    return tracking.start_pipeline_run(p.tracking, Path(project), P.flatten(P.as_dict(p)), name=name)
+
+
+@task(task_run_name="mlflow close parent run")
+def close_pipeline_run(project: str, run_id: str | None, status: str, table_md: str | None) -> None:
+    if run_id is None:
+        return
+    from evopress import params as P
+    from evopress import tracking
+
+    p = P.load(Path(project) / "params.yaml")
+    tracking.end_pipeline_run(p.tracking, Path(project), run_id, status, table_md)

@@ -1,0 +1,186 @@
+"""The DVC pipeline end to end on a tiny random Llama in a temp copy of the project (smoke params).
+
+One module-scoped project runs `dvc repro` once; the tests then check what a second repro does, what a changed
+search param reruns, what MLflow holds, and the Prefect flow under `prefect_test_harness`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore", "params-smoke.yaml")
+
+
+def char_tokenizer_folder(path: Path) -> None:
+    """A character tokenizer (printable ASCII -> ids 1..95, else 0) that survives save/reload, vocab < 128."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{chr(c): c - 31 for c in range(32, 127)}, "</s>": 96}
+    inner = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+
+
+def smoke_params(model_dir: Path) -> dict:
+    params = yaml.safe_load((REPO / "params-smoke.yaml").read_text())
+    params["model"]["source"] = str(model_dir)
+    params["data"].update(seq_len=32, n_calibration=16, n_heldout=4)
+    params["compute"].update(dtype="float32", topk=32)
+    params["methods"]["depth"]["target"] = 1
+    for m in params["methods"].values():
+        m["search"].update(tokens=[64, 128], initial_tokens=64)
+        m["baseline_tokens"] = 64
+    return params
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    if check and res.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        )
+    return res
+
+
+def make_project(tmp: Path) -> Path:
+    """A git + DVC project holding the pipeline files, smoke params and a tiny model folder."""
+    proj, model = tmp / "proj", tmp / "tiny-model"
+    tiny_llama(num_layers=4, hidden=64, vocab=128).save_pretrained(model)
+    char_tokenizer_folder(model)
+    for name in PROJECT_FILES:
+        (proj / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, proj / name)
+    (proj / "params.yaml").write_text(yaml.safe_dump(smoke_params(model), sort_keys=False))
+    (proj / ".gitignore").write_text("/data/\n/mlflow.db\n/mlartifacts/\n")
+    sh(["git", "init", "-q"], proj)
+    sh(["git", "add", "."], proj)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], proj)
+    return proj
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    proj = make_project(tmp_path_factory.mktemp("pipeline"))
+    first = sh(["dvc", "repro"], proj)
+    return proj, first.stdout
+
+
+def ran_stages(stdout: str) -> set[str]:
+    return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage '")}
+
+
+def test_repro_runs_every_stage_and_prints_the_table(project):
+    proj, out = project
+    assert {
+        "prepare_model",
+        "search@depth",
+        "search@sparsity",
+        "stitch@depth",
+        "evaluate",
+        "report",
+    } <= ran_stages(out)
+    metrics = json.loads((proj / "runs/metrics.json").read_text())
+    assert {"dense", "depth/evopress", "depth/shortgpt", "sparsity/evopress", "sparsity/uniform"} <= set(
+        metrics
+    )
+    row = metrics["depth/evopress"]
+    assert row["heldout_perplexity"] > 1 and 0 < row["size"] < 1
+    # The stitched model, loaded from its folder, scores as the profile applied live.
+    assert row["stitched_perplexity"] == pytest.approx(row["heldout_perplexity"], rel=1e-3)
+    assert "| depth | evopress |" in (proj / "runs/results.md").read_text()
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
+
+
+def test_second_repro_does_nothing(project):
+    proj, _ = project
+    out = sh(["dvc", "repro"], proj).stdout
+    assert ran_stages(out) == set(), out
+
+
+def test_changed_search_param_reruns_only_search_and_dependents(project):
+    proj, _ = project
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["methods"]["depth"]["search"]["generations"] += 1
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(["dvc", "repro"], proj).stdout
+    assert ran_stages(out) == {"search@depth", "stitch@depth", "evaluate", "report"}, out
+
+
+def test_mlflow_holds_stage_runs_with_provenance(project):
+    proj, _ = project
+    from evopress import params as P
+    from evopress import tracking
+
+    p = P.load(proj / "params.yaml")
+    runs = tracking.stage_runs(p.tracking, proj)
+    by_stage = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags["evopress.stage"], r)
+    assert {"prepare_model", "search@depth", "stitch@depth", "evaluate", "report"} <= set(by_stage)
+    search = by_stage["search@depth"]
+    tags = search.data.tags
+    assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    assert len(tags["model.sha256"]) == 64 and len(tags["data.sha256.calibration"]) == 64
+    assert tags["dvc.dep.data/model"] and tags["dvc.dep.data/text"]
+    # Back-filled by the report stage: the md5 dvc.lock holds for the search's own profile.
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]["search@depth"]
+    profile_md5 = next(o["md5"] for o in lock["outs"] if o["path"].endswith("profile.json"))
+    assert tags["dvc.out.runs/search/depth/profile.json"] == profile_md5
+    assert search.data.params["search.generations"]
+    client = tracking.MlflowClient()
+    history = client.get_metric_history(search.info.run_id, "fitness")
+    assert len(history) >= 1 and [m.step for m in history] == sorted(m.step for m in history)
+    names = {a.path for a in client.list_artifacts(search.info.run_id)}
+    assert {"profile.json", "history.csv", "plots"} <= names
+    stitched = by_stage["stitch@depth"].data.tags
+    assert (
+        stitched["model.stitched.path"].endswith("models/depth")
+        and len(stitched["model.stitched.sha256"]) == 64
+    )
+
+
+def test_bad_params_fail_before_any_stage(project, tmp_path):
+    proj, _ = project
+    bad = yaml.safe_load((proj / "params.yaml").read_text())
+    bad["methods"]["depth"]["search"]["generatoins"] = 3
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    res = sh(["evopress", "check-params", "--params", str(path)], proj, check=False)
+    assert res.returncode == 2
+    assert res.stderr.strip().count("\n") == 0 and "methods.depth.search.generatoins" in res.stderr
+
+
+def test_prefect_flow_runs_the_graph(project, monkeypatch):
+    proj, _ = project
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.compress import compress
+
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params["methods"]["depth"]["search"]["seed"] = 1
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setenv("PATH", f"{BIN}:{os.environ['PATH']}")
+    with prefect_test_harness():
+        result = compress(project=str(proj))
+    assert {"search@depth", "evaluate", "report"} <= set(result["ran"])
+    assert any(r["method"] == "depth" and r["profile"] == "evopress" for r in result["table"])
+    from evopress import params as P
+    from evopress import tracking
+
+    p = P.load(proj / "params.yaml")
+    children = tracking.stage_runs(p.tracking, proj, parent=result["mlflow_run"])
+    assert {r.data.tags["evopress.stage"] for r in children} >= {"search@depth", "report"}
