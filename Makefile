@@ -29,9 +29,10 @@ test: setup
 test-slow: setup
 	$(VENV)/bin/pytest -m slow
 
+# The whole DVC pipeline through the Prefect flow (flows/compress.py); ends with the results table and the
+# `mlflow ui --backend-store-uri ...` line. Settings: params.yaml.
 run: setup
-	$(VENV)/bin/evopress prepare-model
-	$(VENV)/bin/evopress prepare-data
+	$(PY) -m flows.compress run
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
