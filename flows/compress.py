@@ -30,10 +30,13 @@ import os
 import time
 from pathlib import Path
 
-from prefect import flow
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+# A busy machine starts the temporary local Prefect server slower than the default 20 s allow.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-from tasks.stages import check_params, close_pipeline_run, list_stages, open_pipeline_run, run_stage
+from prefect import flow  # noqa: E402
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact  # noqa: E402
+
+from tasks.stages import check_params, close_pipeline_run, list_stages, open_pipeline_run, run_stage  # noqa: E402
 
 LOCK_FILE = ".evopress.lock"
 PROJECT = Path(__file__).resolve().parents[1]
