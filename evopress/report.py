@@ -106,8 +106,8 @@ def evaluate_all(root: Path, params, log=print) -> dict:
                 return evaluate_profile(adapter, comp, units, tokens, ref, c.batch_size)
 
             row = {"method": method, "profile": label, "budget": spec["budget"], "target": spec["target"]}
+            row["size"] = size_share(method, adapter, comp, units)  # before applying: dropped modules may go
             row.update(measure(adapter, refs, apply))
-            row["size"] = size_share(method, adapter, comp, units)
             stitched = root / "models" / method
             if label == "evopress" and stitched.is_dir():
                 # The deliverable itself, loaded from its folder: must match the live profile's perplexity.
