@@ -79,20 +79,35 @@ class _NoRun:
         return lambda *a, **k: None
 
 
+def progress_hook(search_params: dict):
+    """One line per generation on stdout: under DVC and Prefect there is no terminal for a progress bar."""
+    total = search_params.get("generations")
+
+    def on_generation(info) -> None:
+        typer.echo(f"generation {info.generation}/{total}: KL {info.fitness:.5f} ({info.seconds:.1f} s)")
+
+    return on_generation
+
+
 @contextlib.contextmanager
 def tracked(params, root: Path, stage: str, flat: dict, deps: list[str]):
-    if not params.tracking.enabled:
-        yield _NoRun()
-        return
-    from evopress import tracking
     from evopress.cli_compress import GENERATION_HOOKS
 
-    GENERATION_HOOKS.append(tracking.generation_hook)
+    GENERATION_HOOKS.append(progress_hook)
     try:
-        with tracking.stage_run(params.tracking, root, stage, flat, deps) as run:
-            yield run
+        if not params.tracking.enabled:
+            yield _NoRun()
+            return
+        from evopress import tracking
+
+        GENERATION_HOOKS.append(tracking.generation_hook)
+        try:
+            with tracking.stage_run(params.tracking, root, stage, flat, deps) as run:
+                yield run
+        finally:
+            GENERATION_HOOKS.remove(tracking.generation_hook)
     finally:
-        GENERATION_HOOKS.remove(tracking.generation_hook)
+        GENERATION_HOOKS.remove(progress_hook)
 
 
 # --- the stages ----------------------------------------------------------------------------------------------
