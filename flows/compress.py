@@ -32,6 +32,8 @@ from pathlib import Path
 
 # A busy machine starts the temporary local Prefect server slower than the default 20 s allow.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# No telemetry from the temporary server (hosts without internet log an error for each attempt).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow  # noqa: E402
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact  # noqa: E402
