@@ -102,11 +102,12 @@ def shortened_ppl(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, 
 
 
 def sleb_order(
-    comp: DepthCompressor, ctx: FitnessContext, k: int, *, seed: int = 0, tokens: int = 2048
+    comp: DepthCompressor, ctx: FitnessContext, k: int, *, seed: int = 0, tokens: int = 2048, start=()
 ) -> list:
-    """SLEB's removals in order; greedy, so the first j of them are SLEB's answer for any j <= k."""
-    rows, removed = _rows(ctx, seed, tokens), []
-    for _ in range(k):
+    """SLEB's removals in order; greedy, so the first j of them are SLEB's answer for any j <= k.
+    `start`: removals already made (an earlier, shorter order with the same seed and tokens) to continue from."""
+    rows, removed = _rows(ctx, seed, tokens), list(start)
+    for _ in range(k - len(removed)):
         losses = _removal_losses(comp, ctx, rows, removed)
         removed.append(min(losses, key=losses.get))
     return removed
