@@ -24,10 +24,10 @@ def test_split_has_no_shared_document_and_is_deterministic(tokenizer):
     assert cal1.shape == (20, 16) and held1.shape == (10, 16)
     cal_text = bytes(cal1.flatten().clamp_max(255).tolist()).decode("utf-8", "ignore")
     held_text = bytes(held1.flatten().clamp_max(255).tolist()).decode("utf-8", "ignore")
+
     def numbers(text):
-        return {
-            int(part.split(":")[0]) for part in text.split("number ")[1:] if part.split(":")[0].isdigit()
-        }
+        return {int(part.split(":")[0]) for part in text.split("number ")[1:] if part.split(":")[0].isdigit()}
+
     assert numbers(cal_text) and numbers(held_text)
     assert not numbers(cal_text) & numbers(held_text)
 
