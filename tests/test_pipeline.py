@@ -181,7 +181,7 @@ def test_prefect_flow_runs_the_graph(project, monkeypatch):
     monkeypatch.setenv("PATH", f"{BIN}:{os.environ['PATH']}")
     with prefect_test_harness():
         result = compress(project=str(proj))
-    assert {"search@depth", "evaluate", "report"} <= set(result["ran"])
+    assert {"search@depth", "evaluate"} <= set(result["ran"])  # report skips when metrics are unchanged
     assert any(r["method"] == "depth" and r["profile"] == "evopress" for r in result["table"])
     from evopress import params as P
     from evopress import tracking
