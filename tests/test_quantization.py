@@ -8,36 +8,26 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from conftest import char_tokenizer, tiny_llama
+from conftest import prepare_tiny_workspace
 from evopress.adapter import ModelAdapter
 from evopress.baselines import quantization as qbase
 from evopress.compressors import quantization
 from evopress.database import LevelDatabase
 from evopress.errors import UserError
 from evopress.gptq import rtn
-from evopress.models import load_model, save_model
+from evopress.models import load_model
 from evopress.mutation import mutate
 from evopress.packing import bytes_on_disk, load_packed, read_quantized
 from evopress.search import FitnessContext, SearchConfig, run_search
-from evopress.sparsegpt import reconstruction_error
+from evopress.sparsegpt import collect_block_hessians, reconstruction_error
 
 OPTS = {"bits": "2,3,4", "group_size": 32, "n_samples": 8, "batch_size": 4}
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant")
-    model = tiny_llama(num_layers=2, hidden=64, vocab=257)
-    save_model(model, char_tokenizer(), root / "model", source="test:tiny")
-    g = torch.Generator().manual_seed(3)
-    (root / "text").mkdir()
-    for split, n in (("calibration", 8), ("heldout", 4)):
-        save_file(
-            {"input_ids": torch.randint(0, 257, (n, 32), generator=g)}, root / "text" / f"{split}.safetensors"
-        )
-    return root
+    return prepare_tiny_workspace(tmp_path_factory.mktemp("quant"))
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +58,7 @@ def test_database_gptq_beats_round_to_nearest_on_block_0(prepared, built):
 
     ids = load_tokens(prepared / "text", "calibration")
     hidden, kwargs = comp.adapter.block_inputs(ids)
-    hessians, _ = quantization._hessians_and_outputs(comp.adapter, 0, hidden, kwargs, 4)
+    hessians, _ = collect_block_hessians(comp.adapter, 0, hidden, kwargs, 4)
     for name, lin in comp.adapter.linears(0).items():
         for bits in (2, 3, 4):
             w = lin.weight.detach()

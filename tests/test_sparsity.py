@@ -7,14 +7,13 @@ import random
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from conftest import char_tokenizer, tiny_llama
+from conftest import prepare_tiny_workspace
 from evopress.adapter import ModelAdapter
 from evopress.compressors import sparsity
 from evopress.database import LevelDatabase
 from evopress.errors import UserError
-from evopress.models import load_model, save_model
+from evopress.models import load_model
 from evopress.mutation import mutate
 from evopress.sparsegpt import (
     HessianAccumulator,
@@ -29,16 +28,7 @@ OPTS = {"num_levels": 2, "n_samples": 8, "batch_size": 4, "blocksize": 32}
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sparsity")
-    model = tiny_llama(num_layers=2, hidden=64, vocab=257)
-    save_model(model, char_tokenizer(), root / "model", source="test:tiny")
-    g = torch.Generator().manual_seed(3)
-    (root / "text").mkdir()
-    for split, n in (("calibration", 8), ("heldout", 4)):
-        save_file(
-            {"input_ids": torch.randint(0, 257, (n, 32), generator=g)}, root / "text" / f"{split}.safetensors"
-        )
-    return root
+    return prepare_tiny_workspace(tmp_path_factory.mktemp("sparsity"))
 
 
 @pytest.fixture(scope="module")

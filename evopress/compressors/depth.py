@@ -141,8 +141,7 @@ def stitch(model_dir: Path, profile: dict, db, out_dir: Path) -> dict:
     """Write the depth-pruned model of `profile` (a profile json dict) into `out_dir`, with the profile beside it."""
     import torch
 
-    from evopress.models import load_model
-    from evopress.stitch import write_model_folder
+    from evopress.models import load_model, write_model_folder
 
     model, tokenizer = load_model(str(model_dir))
     adapter = ModelAdapter(model)

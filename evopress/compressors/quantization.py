@@ -30,7 +30,7 @@ from evopress.compressors.sparsity import linear_sizes, model_sha256_of, split_u
 from evopress.database import DatabaseSpec, LevelDatabase
 from evopress.errors import require
 from evopress.gptq import Quantized, check_bits, check_group_size, dequantize, gptq
-from evopress.sparsegpt import HessianAccumulator
+from evopress.sparsegpt import collect_block_hessians
 
 
 def parse_bits(value) -> tuple[int, ...]:
@@ -244,31 +244,6 @@ def make(
 
 
 # --- building the database -----------------------------------------------------------------------------------
-def _hessians_and_outputs(adapter, block, hidden, kwargs, batch_size):
-    """Run one block on `hidden` with hooks: X^T X per distinct input tensor (q/k/v share one), and outputs."""
-    linears = adapter.linears(block)
-    accs: dict[str, HessianAccumulator] = {}
-    alias: dict[str, str] = {}
-    last = {"x": None, "name": None}
-
-    def hook_for(name):
-        def hook(_module, args):
-            x = args[0]
-            if last["x"] is x:
-                alias[name] = last["name"]
-                return
-            last["x"], last["name"] = x, name
-            accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
-
-        return hook
-
-    handles = [lin.register_forward_pre_hook(hook_for(n)) for n, lin in linears.items()]
-    try:
-        outs = [adapter.run_blocks(h, kwargs, block, block + 1) for h in hidden.split(batch_size)]
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: accs[alias.get(n, n)].hessian for n in linears}, torch.cat(outs)
 
 
 def _progress(iterable, total, desc):
@@ -299,7 +274,7 @@ def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict
     for block in _progress(range(adapter.num_blocks), adapter.num_blocks, "build-db quantization"):
         linears = adapter.linears(block)
         if any(p[0].startswith(f"block.{block}.") for p in todo):
-            hessians, _ = _hessians_and_outputs(adapter, block, hidden, kwargs, opts.batch_size)
+            hessians, _ = collect_block_hessians(adapter, block, hidden, kwargs, opts.batch_size)
             for name, lin in linears.items():
                 unit = f"block.{block}.{name}"
                 bits = [b for b in opts.bits if (unit, b) in todo]

@@ -24,7 +24,7 @@ from evopress.adapter import ModelAdapter
 from evopress.compressors.base import Compressor, Profile
 from evopress.database import DatabaseSpec, LevelDatabase
 from evopress.errors import require
-from evopress.sparsegpt import HessianAccumulator, inverse_cholesky, magnitude_prune, prune_counts
+from evopress.sparsegpt import collect_block_hessians, inverse_cholesky, magnitude_prune, prune_counts
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INPUTS = ("dense", "uniform")
@@ -235,31 +235,6 @@ def make(adapter: ModelAdapter, target: float, *, db=None, options: dict | None 
 
 
 # --- building the database -----------------------------------------------------------------------------------
-def _collect_hessians(adapter, block, hidden, kwargs, batch_size):
-    """Run one block on `hidden` with hooks: X^T X per linear (linears fed the same tensor share one) + outputs."""
-    linears = adapter.linears(block)
-    accs: dict[str, HessianAccumulator] = {}
-    alias: dict[str, str] = {}
-    last = {"x": None, "name": None}
-
-    def hook_for(name):
-        def hook(_module, args):
-            x = args[0]
-            if last["x"] is x:  # q/k/v (gate/up) see the same tensor: one Hessian for all of them
-                alias[name] = last["name"]
-                return
-            last["x"], last["name"] = x, name
-            accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
-
-        return hook
-
-    handles = [lin.register_forward_pre_hook(hook_for(name)) for name, lin in linears.items()]
-    try:
-        outs = [adapter.run_blocks(h, kwargs, block, block + 1) for h in hidden.split(batch_size)]
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: accs[alias.get(name, name)].hessian for name in linears}, torch.cat(outs)
 
 
 def _run_block(adapter, block, hidden, kwargs, batch_size):
@@ -320,7 +295,7 @@ def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict
     for block in _progress(range(adapter.num_blocks), adapter.num_blocks, "build-db sparsity"):
         block_todo = {p for p in todo if split_unit(p[0])[0] == block}
         if block_todo:
-            hessians, out = _collect_hessians(adapter, block, hidden, kwargs, opts.batch_size)
+            hessians, out = collect_block_hessians(adapter, block, hidden, kwargs, opts.batch_size)
             _prune_block(db, adapter, grid, block, hessians, opts, block_todo)
         if opts.inputs == "uniform":  # the next block sees this block pruned at the target (level 0)
             for name, lin in adapter.linears(block).items():
@@ -339,8 +314,7 @@ def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict
 @torch.no_grad()
 def stitch(model_dir: Path, profile: dict, db: Path | None, out_dir: Path) -> dict:
     """Apply a profile's levels from the database to the dense model and save a plain safetensors folder."""
-    from evopress.models import load_model
-    from evopress.stitch import write_model_folder
+    from evopress.models import load_model, write_model_folder
 
     model, tokenizer = load_model(str(model_dir), dtype="float32")
     adapter = ModelAdapter(model)
