@@ -30,6 +30,7 @@ from evopress.compressors.sparsity import linear_sizes, model_sha256_of, split_u
 from evopress.database import DatabaseSpec, LevelDatabase
 from evopress.errors import require
 from evopress.gptq import Quantized, check_bits, check_group_size, dequantize, gptq
+from evopress.progress import progress
 from evopress.sparsegpt import collect_block_hessians
 
 
@@ -246,16 +247,6 @@ def make(
 # --- building the database -----------------------------------------------------------------------------------
 
 
-def _progress(iterable, total, desc):
-    import sys
-
-    if not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc)
-
-
 @torch.no_grad()
 def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict) -> LevelDatabase:
     """GPTQ every linear of the prepared model at every bit-width; resumable; returns the database."""
@@ -271,7 +262,7 @@ def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict
     tokens = load_tokens(Path(data_dir), "calibration")[: opts.n_samples]
     _, kwargs = adapter.block_inputs(tokens[:1])
     hidden = torch.cat([adapter.block_inputs(t)[0] for t in tokens.split(opts.batch_size)])
-    for block in _progress(range(adapter.num_blocks), adapter.num_blocks, "build-db quantization"):
+    for block in progress(range(adapter.num_blocks), adapter.num_blocks, "build-db quantization"):
         linears = adapter.linears(block)
         if any(p[0].startswith(f"block.{block}.") for p in todo):
             hessians, _ = collect_block_hessians(adapter, block, hidden, kwargs, opts.batch_size)

@@ -24,6 +24,7 @@ from evopress.adapter import ModelAdapter
 from evopress.compressors.base import Compressor, Profile
 from evopress.database import DatabaseSpec, LevelDatabase
 from evopress.errors import require
+from evopress.progress import progress
 from evopress.sparsegpt import collect_block_hessians, inverse_cholesky, magnitude_prune, prune_counts
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -257,16 +258,6 @@ def _prune_block(db, adapter, grid, block, hessians, opts, todo):
         db.flush()
 
 
-def _progress(iterable, total, desc):
-    import sys
-
-    if not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc)
-
-
 @torch.no_grad()
 def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict) -> LevelDatabase:
     """Prune every linear of the prepared model to every level of the grid; resumable; returns the database."""
@@ -292,7 +283,7 @@ def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict
     tokens = load_tokens(Path(data_dir), "calibration")[: opts.n_samples]
     _, kwargs = adapter.block_inputs(tokens[:1])  # the same for any batch size (SDPA, no padding)
     hidden = torch.cat([adapter.block_inputs(t)[0] for t in tokens.split(opts.batch_size)])
-    for block in _progress(range(adapter.num_blocks), adapter.num_blocks, "build-db sparsity"):
+    for block in progress(range(adapter.num_blocks), adapter.num_blocks, "build-db sparsity"):
         block_todo = {p for p in todo if split_unit(p[0])[0] == block}
         if block_todo:
             hessians, out = collect_block_hessians(adapter, block, hidden, kwargs, opts.batch_size)
