@@ -11,6 +11,7 @@ and skipped; searches checkpoint every generation under benchmarks/results/depth
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
@@ -56,6 +57,18 @@ def markdown(results: dict) -> str:
     for name in rows:
         vals = [cells.get(f"{name}/k{k}", {}).get("perplexity") for k in ks]
         lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" if v else "-" for v in vals) + " |")
+    searched = [(key, c) for key, c in cells.items() if key.startswith("evopress_") and "initial_source" in c]
+    if searched:
+        lines += [
+            "",
+            "| search | started from | start KL | final KL | generations | s/generation | minutes |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for key, c in sorted(searched):
+            lines.append(
+                f"| {key} | {c['initial_source']} | {c['initial_fitness']:.4f} | {c['fitness']:.4f} | "
+                f"{c['config']['generations']} | {c['median_seconds_per_generation']:.1f} | {c['seconds'] / 60:.1f} |"
+            )
     speed = results.get("speed")
     if speed:
         lines += [
@@ -82,7 +95,7 @@ def speed_run(adapter, ctx, config: SearchConfig, k: int, generations: int) -> d
     out = {}
     for reuse in (True, False):
         comp = make(adapter, k, options={"granularity": "sublayer"})
-        cfg = replace(config, generations=generations, prefix_reuse=reuse)
+        cfg = replace(config, generations=generations, prefix_reuse=reuse, seed_baselines=())
         res = run_search(comp, ctx, cfg)
         secs = [h["seconds"] for h in res.history]
         step1 = [h["step1_seconds"] for h in res.history]
@@ -124,14 +137,26 @@ def baseline_cell(adapter, ctx, heldout, name, k, k_max, args, sleb_cache) -> di
     return {**cell, "seconds": seconds}
 
 
-def search_cell(adapter, ctx, heldout, config, gran, k) -> dict:
+def seed_profiles(comp, cells: dict, names: tuple[str, ...], k: int) -> dict:
+    """The baselines' profiles at k, rebuilt from the blocks their cells removed (no recomputation)."""
+    return {n: comp.profile_from_blocks(cells[f"{n}/k{k}"]["removed"]["block"]) for n in names}
+
+
+def config_tag(config: SearchConfig) -> str:
+    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def search_cell(adapter, ctx, heldout, config, gran, k, cells) -> dict:
     comp = make(adapter, k, options={"granularity": gran})
-    res = run_search(comp, ctx, config, RUNS / f"{gran}_k{k}")
+    seeds = seed_profiles(comp, cells, config.seed_baselines, k)
+    res = run_search(comp, ctx, config, RUNS / f"{gran}_k{k}_{config_tag(config)}", seeds=seeds)
     cell = {
         **evaluate_profile(adapter, comp, res.profile, heldout),
         "removed": comp.removed_blocks(res.profile),
         "fitness": res.fitness,
         "initial_fitness": res.initial_fitness,
+        "initial_source": res.initial_source,
+        "config": asdict(config),
         "seconds": res.history[-1]["elapsed"] if res.history else 0.0,
         "median_seconds_per_generation": statistics.median(h["seconds"] for h in res.history),
     }
@@ -166,6 +191,13 @@ def main() -> None:
     ap.add_argument("--tokens", default="512,512")
     ap.add_argument("--baseline-tokens", type=int, default=512)
     ap.add_argument("--speed-generations", type=int, default=1)
+    ap.add_argument("--initially-generated", type=int, default=16, help="random starting candidates")
+    ap.add_argument(
+        "--seed-baselines",
+        default="shortgpt,window,shortened_ppl",
+        help="baselines whose profiles compete for the search's start ('' = random starts only, as the paper)",
+    )
+    ap.add_argument("--grans", default="sublayer,block", help="EvoPress granularities to search")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument(
         "--calibration-rows", type=int, default=16, help="calibration sequences the search samples"
@@ -190,8 +222,9 @@ def main() -> None:
         tokens=tuple(int(t) for t in args.tokens.split(",")),
         seed=0,
         init="random",
-        initially_generated=6,
-        initial_tokens=512,
+        initially_generated=args.initially_generated,
+        initial_tokens=int(args.tokens.split(",")[-1]),
+        seed_baselines=tuple(n for n in args.seed_baselines.split(",") if n),
     )
     results = load_results()
     results.update(
@@ -225,12 +258,9 @@ def main() -> None:
                 cells[key] = baseline_cell(adapter, ctx, heldout, name, k, max(ks), args, sleb_cache)
                 save(results)
             print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({cells[key]['seconds']:.0f}s)", flush=True)
-    for gran in (
-        "sublayer",
-        "speed",
-        "sleb",
-        "block",
-    ):  # the main row first, then timing, SLEB, the block row
+    grans = args.grans.split(",")
+    order = [g for g in ("sublayer", "speed", "sleb", "block") if g in grans or g in ("speed", "sleb")]
+    for gran in order:  # the main row first, then timing, SLEB, the block row
         if gran == "sleb":
             for k in ks:
                 key = f"sleb/k{k}"
@@ -249,8 +279,8 @@ def main() -> None:
             continue
         for k in ks:
             key = f"evopress_{gran}/k{k}"
-            if key not in cells:
-                cells[key] = search_cell(adapter, ctx, heldout, config, gran, k)
+            if cells.get(key, {}).get("config") != asdict(config):  # other settings: search again
+                cells[key] = search_cell(adapter, ctx, heldout, config, gran, k, cells)
                 save(results)
             print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({cells[key]['seconds']:.0f}s)", flush=True)
     print(markdown(results))

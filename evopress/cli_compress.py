@@ -84,6 +84,9 @@ def search_cmd(
     init: str = typer.Option(None, help="uniform | random (default: random for depth, else uniform)"),
     initially_generated: int = typer.Option(16, help="random profiles tried for --init random"),
     initial_tokens: int = typer.Option(2048, help="tokens scoring the initial random profiles"),
+    seed_baselines: str = typer.Option(
+        "", help="comma-separated baselines whose profiles compete for the start (e.g. shortgpt,window)"
+    ),
     topk: int = typer.Option(512, help="dense top-K kept for the KL (0 = full vocabulary)"),
     batch_size: int = typer.Option(8, help="sequences per forward"),
     dtype: str = DTYPE,
@@ -94,7 +97,7 @@ def search_cmd(
 ) -> None:
     """Search a profile at the target budget; re-running with the same --out resumes."""
     from evopress.data import load_tokens
-    from evopress.methods import make_compressor
+    from evopress.methods import get_baseline, make_compressor
     from evopress.profile import make_profile, model_sha256, save_profile
     from evopress.search import FitnessContext, SearchConfig, run_search
 
@@ -108,15 +111,27 @@ def search_cmd(
         init=init or ("random" if method == "depth" else "uniform"),
         initially_generated=initially_generated,
         initial_tokens=initial_tokens,
+        seed_baselines=tuple(n.strip() for n in seed_baselines.split(",") if n.strip()),
         prefix_reuse=prefix_reuse,
     )
+    for name in config.seed_baselines:
+        get_baseline(method, name)  # an unknown name fails before the model loads
     calibration = load_tokens(data, "calibration")
     config.validate(calibration.numel())
     adapter = _load(model, dtype)
     comp = make_compressor(method, adapter, target, db=db, options=options)
     ctx = FitnessContext.build(adapter, calibration, topk=topk or None, batch_size=batch_size)
     params = {"method": method, "target": target, "options": options, "out": str(out), **config.__dict__}
-    result = run_search(comp, ctx, config, out, on_generation=build_on_generation(params))
+
+    def seeds() -> dict:  # on the dense model; the search then applies every unit of its first candidate
+        return {
+            n: get_baseline(method, n)(comp, ctx, seed=seed, tokens=initial_tokens)
+            for n in config.seed_baselines
+        }
+
+    result = run_search(comp, ctx, config, out, on_generation=build_on_generation(params), seeds=seeds)
+    if result.initial_source != "uniform":
+        typer.echo(f"search started from: {result.initial_source} (initial KL {result.initial_fitness})")
     profile = make_profile(
         comp, result.profile, target=target, source="search", fitness=result.fitness, sha=model_sha256(model)
     )

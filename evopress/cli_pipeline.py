@@ -100,6 +100,7 @@ def tracked(params, root: Path, stage: str, flat: dict, deps: list[str]):
             return
         from evopress import tracking
 
+        tracking.backfill_lock_tags(params.tracking, root)  # upstream stages' dvc.lock outs, written by now
         GENERATION_HOOKS.append(tracking.generation_hook)
         try:
             with tracking.stage_run(params.tracking, root, stage, flat, deps) as run:
@@ -171,6 +172,7 @@ def search(p, run, m) -> None:
     args += ["--survivors", ",".join(map(str, s.survivors)), "--tokens", ",".join(map(str, s.tokens))]
     args += ["--init", s.init] if s.init else []
     args += ["--initially-generated", s.initially_generated, "--initial-tokens", s.initial_tokens]
+    args += ["--seed-baselines", ",".join(s.seed_baselines)] if s.seed_baselines else []
     args += ["--topk", p.compute.topk, "--prefix-reuse" if s.prefix_reuse else "--no-prefix-reuse"]
     invoke(args + _compute_args(p) + ["--out", out])
     profile = json.loads((out / "profile.json").read_text())
@@ -178,13 +180,15 @@ def search(p, run, m) -> None:
     summary = {
         "fitness": profile["fitness"],
         "initial_fitness": state.get("initial_fitness"),
+        "initial_source": state.get("initial_source"),
         "generations": state["generation"],
         "seconds": round(state["elapsed"], 2),
         "tokens": state["tokens"],
     }
     atomic_write_json(out / "search.json", summary)
     write_layers_csv(out / "profile.json", out / "layers.csv")
-    run.metrics({f"final_{k}": v for k, v in summary.items() if v is not None})
+    run.metrics({f"final_{k}": v for k, v in summary.items() if isinstance(v, int | float)})
+    run.tags({"search.initial_source": str(summary["initial_source"])})
     for name in ("profile.json", "history.csv", "search.json", "layers.csv"):
         run.artifact(out / name)
     run.figure(fitness_figure(out / "history.csv"), "plots/fitness.png")

@@ -103,6 +103,12 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
         "attn_implementation": "sdpa",
         "trust_remote_code": trust_remote_code,
     }
+    if src.kind == "folder":
+        from evopress.packing import is_packed, load_packed
+
+        if is_packed(Path(src.location)):  # a stitched quantized folder: integers + scales, dequantized here
+            model = load_packed(Path(src.location), parse_dtype(dtype))
+            return model, AutoTokenizer.from_pretrained(src.location)
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     try:

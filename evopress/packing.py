@@ -141,7 +141,7 @@ def load_packed(folder: Path, dtype: torch.dtype | None = None):
     config = AutoConfig.from_pretrained(folder)
     dense = load_file(str(folder / DENSE_FILE))
     dtype = dtype or next(iter(dense.values())).dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
     missing, unexpected = model.load_state_dict(dense, strict=False)
     require(not unexpected, f"{str(folder)!r}: unexpected tensors {unexpected[:3]}")
     for name, q in quantized.items():

@@ -55,6 +55,9 @@ class SearchParams:
     init: str = ""  # "" = the method's default (random for depth, uniform otherwise)
     initially_generated: int = 16
     initial_tokens: int = 2048
+    seed_baselines: list[str] = field(
+        default_factory=list
+    )  # baselines competing for the start (see search.py)
     prefix_reuse: bool = True
 
 

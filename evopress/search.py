@@ -51,6 +51,9 @@ class SearchConfig:
     init: str = "uniform"  # uniform: compressor.initial_profile(); random: best of `initially_generated`
     initially_generated: int = 16
     initial_tokens: int = 2048
+    # Baseline profiles that compete with the initial candidates (scored on `initial_tokens`); the search then
+    # starts from whichever is fittest. Cheap heuristics give a short search a far better start than random.
+    seed_baselines: tuple[str, ...] = ()
     max_mutation_steps: int = 3
     prefix_reuse: bool = True
 
@@ -84,6 +87,8 @@ class SearchConfig:
         d = asdict(self)
         d.pop("generations")
         d.pop("prefix_reuse")  # results are identical with or without it
+        if not d["seed_baselines"]:
+            d.pop("seed_baselines")  # checkpoints written before the field existed stay resumable
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
@@ -158,6 +163,7 @@ class SearchResult:
     fitness: float | None
     history: list[dict] = field(default_factory=list)
     initial_fitness: float | None = None
+    initial_source: str = "uniform"  # which initial candidate the search started from
 
 
 # --- candidates ----------------------------------------------------------------------------------------------
@@ -255,14 +261,28 @@ def _rng_from(state: list) -> random.Random:
 
 
 # --- the search ----------------------------------------------------------------------------------------------
-def initial_parent(comp, ctx, live, config, rng) -> tuple[Profile, float | None]:
+def initial_parent(comp, ctx, live, config, rng, seeds: dict) -> tuple[Profile, float | None, str]:
+    """The start: the uniform profile or the best of random ones, competing with any seed profiles."""
     if config.init == "uniform":
-        return comp.initial_profile(), None
+        pool, names = [comp.initial_profile()], ["uniform"]
+        if not seeds:
+            return pool[0], None, "uniform"
+    else:
+        pool = [comp.random_profile(rng) for _ in range(config.initially_generated)]
+        names = ["random"] * len(pool)
+    for name in config.seed_baselines:
+        require(name in seeds, f"seed baseline {name!r} was asked for but no profile was given for it")
+        total = comp.total_cost(seeds[name])
+        require(
+            total == comp.total_cost(comp.initial_profile()),
+            f"seed baseline {name!r} is off budget ({total})",
+        )
+        pool.append(dict(seeds[name]))
+        names.append(name)
     rows = ctx.sample(rng, config.initial_tokens)
-    pool = [comp.random_profile(rng) for _ in range(config.initially_generated)]
     scores = score_all(ctx, live, pool, rows, None)
     best = select(pool, scores, 1)[0]
-    return pool[best], scores[best]
+    return pool[best], scores[best], names[best]
 
 
 def _bar(config: SearchConfig, start: int):
@@ -279,15 +299,21 @@ def run_search(
     config: SearchConfig,
     out_dir: Path | None = None,
     on_generation: Callable[[GenerationInfo], None] | None = None,
+    seeds: dict[str, Profile] | Callable[[], dict[str, Profile]] | None = None,
 ) -> SearchResult:
-    """Run (or resume, when `out_dir` holds a checkpoint) the search; leaves the live model at the result."""
+    """Run (or resume, when `out_dir` holds a checkpoint) the search; leaves the live model at the result.
+
+    `seeds` maps each name in `config.seed_baselines` to its profile, or is a function making that map (called
+    only when a fresh search starts, so a resumed one skips computing the baselines).
+    """
     config.validate(ctx.total_tokens)
     out_dir = Path(out_dir) if out_dir is not None else None
     live = _LiveModel(comp)
     state = _load_checkpoint(out_dir, config, comp) if out_dir else None
     if state is None:
         rng = random.Random(config.seed)
-        parent, fitness = initial_parent(comp, ctx, live, config, rng)
+        seed_profiles = (seeds() if callable(seeds) else seeds) if config.seed_baselines else {}
+        parent, fitness, source = initial_parent(comp, ctx, live, config, rng, seed_profiles or {})
         total = comp.total_cost(parent)
         require(comp.total_cost(comp.initial_profile()) == total, f"initial profile is off budget ({total})")
         state = {
@@ -297,10 +323,14 @@ def run_search(
             "parent": parent,
             "fitness": fitness,
             "initial_fitness": fitness,
+            "initial_source": source,
             "tokens": 0,
             "elapsed": 0.0,
             "history": [],
+            "rng": _rng_state(rng),
         }
+        if out_dir:  # the initial candidates' scoring is not repeated by a resumed run
+            _save_checkpoint(out_dir, state)
     else:
         rng = _rng_from(state["rng"])
     parent, fitness = state["parent"], state["fitness"]
@@ -345,7 +375,13 @@ def run_search(
     finally:
         bar.close()
     live.set(parent)
-    return SearchResult(dict(parent), fitness, state["history"], state.get("initial_fitness"))
+    return SearchResult(
+        dict(parent),
+        fitness,
+        state["history"],
+        state.get("initial_fitness"),
+        state.get("initial_source", "uniform" if config.init == "uniform" else "random"),
+    )
 
 
 def _rng_state(rng: random.Random) -> list:

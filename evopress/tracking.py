@@ -113,6 +113,7 @@ def end_pipeline_run(tracking, root: Path, run_id: str, status: str, table_md: s
             client.log_artifact(run_id, str(Path(root) / name))
     if table_md:
         client.log_text(run_id, table_md, "results.md")
+    backfill_lock_tags(tracking, root, parent=run_id)
     client.set_terminated(run_id, status=status)
 
 
@@ -190,11 +191,16 @@ def generation_hook(_params: dict):
     return on_generation
 
 
-def backfill_lock_tags(tracking, root: Path) -> int:
-    """Tag each stage's latest run (of this pipeline run when PARENT_ENV is set) with its outputs' dvc.lock md5."""
+def backfill_lock_tags(tracking, root: Path, parent: str | None = None) -> int:
+    """Tag each stage's latest run with its outputs' dvc.lock md5 (DVC writes them only after the stage exits).
+
+    Restricted to one pipeline run when `parent` (or PARENT_ENV) names it. Called at the start of every stage (the
+    upstream stages' entries are in dvc.lock by then), by the report stage, and when a flow closes its pipeline
+    run, so a stage DVC skips downstream never leaves an upstream run untagged.
+    """
     exp = _experiment(tracking, root)
     client = MlflowClient()
-    parent = os.environ.get(PARENT_ENV)
+    parent = parent or os.environ.get(PARENT_ENV)
     tagged = 0
     for stage, outs in lock_outs(root).items():
         flt = f"tags.`{STAGE_TAG}` = '{stage}'"

@@ -147,6 +147,9 @@ def test_stitch_packs_exactly_the_database_weights(prepared, built, tmp_path):
     comp.apply_profile(units)
     ids = torch.randint(0, 257, (2, 16))
     assert torch.equal(model(input_ids=ids).logits, comp.adapter.model(input_ids=ids).logits)
+    # The generic loader (what `evopress evaluate --model` and the pipeline's report use) knows the format.
+    loaded, _ = load_model(str(tmp_path / "packed"), dtype="float32")
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     sizes = bytes_on_disk(tmp_path / "packed")
     # 3 bits per weight + a float16 scale and a 3-bit zero per 32 weights, to within the byte padding
     assert sizes["quantized.safetensors"] < (3 + (16 + 3) / 32) / 8 * comp.total_params() + 14 * 3 * 200

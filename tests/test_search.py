@@ -2,6 +2,7 @@
 
 import itertools
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -193,3 +194,38 @@ def test_nothing_to_search_is_a_user_error(setup8):
     adapter, ctx = setup8
     with pytest.raises(UserError):
         run_search(make(adapter, 8, options={"granularity": "block"}), ctx, small_config(init="uniform"))
+
+
+def test_a_seed_profile_fitter_than_every_random_start_becomes_the_parent(setup8, tmp_path):
+    adapter, ctx = setup8
+    comp = make(adapter, 3, options={"granularity": "block"})
+    everything = ctx.total_tokens
+    kl = {}
+    for removed in itertools.combinations(range(8), 3):
+        comp.apply_profile(comp.profile_from_blocks(list(removed)))
+        kl[removed] = ctx.kl(torch.arange(8))
+    best = comp.profile_from_blocks(list(min(kl, key=kl.get)))
+    worst = comp.profile_from_blocks(list(max(kl, key=kl.get)))
+    config = small_config(generations=0, initial_tokens=everything, seed_baselines=("best", "worst"))
+    calls = []
+
+    def seeds():
+        calls.append(1)
+        return {"best": best, "worst": worst}
+
+    result = run_search(comp, ctx, config, tmp_path, seeds=seeds)
+    assert result.initial_source == "best" and result.profile == best
+    assert result.initial_fitness == pytest.approx(min(kl.values()), rel=1e-9)
+    # A resumed search neither recomputes the seeds nor forgets where it started.
+    again = run_search(comp, ctx, replace(config, generations=1), tmp_path, seeds=seeds)
+    assert calls == [1] and again.initial_source == "best"
+
+
+def test_a_seed_off_budget_or_missing_is_a_user_error(setup8):
+    adapter, ctx = setup8
+    comp = make(adapter, 3, options={"granularity": "block"})
+    config = small_config(generations=0, seed_baselines=("other",))
+    with pytest.raises(UserError, match="off budget|removed"):
+        run_search(comp, ctx, config, seeds={"other": comp.profile_from_blocks([0, 1])})
+    with pytest.raises(UserError, match="no profile was given"):
+        run_search(comp, ctx, config, seeds={})
