@@ -34,7 +34,7 @@ from evopress.search import FitnessContext, SearchConfig, run_search
 RESULTS = Path("benchmarks/results")
 OUT_JSON = RESULTS / "sparsity_quality.json"
 OUT_MD = RESULTS / "sparsity_quality.md"
-ROWS = ("evopress", "owl", "uniform", "magnitude")
+ROWS = ("evopress", "owl", "uniform", "uniform_seq", "magnitude")  # uniform_seq: Hessians from pruned inputs
 
 
 def load_results() -> dict:
@@ -68,6 +68,19 @@ def markdown(results: dict) -> str:
             f"| {t} | {db.get('build_seconds', float('nan')):.0f} | {db.get('bytes', 0) / 1e6:.0f} | "
             f"{evo.get('median_seconds_per_generation', float('nan')):.2f} | {evo.get('generations', '-')} | "
             f"{evo.get('db', {}).get('seconds_per_load', float('nan')):.4f} |"
+        )
+    searched = sorted((k, c) for k, c in cells.items() if k.startswith("evopress/"))
+    lines += [
+        "",
+        "| search | started from | start KL | final KL | generations | offspring | tokens per step |",
+    ]
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for key, c in searched:
+        cfg = c.get("config", {})
+        start = c.get("initial_fitness")
+        lines.append(
+            f"| {key} | {c.get('initial_source', 'uniform')} | {'-' if start is None else f'{start:.4f}'} | "
+            f"{c['fitness']:.4f} | {c['generations']} | {cfg.get('offspring', '-')} | {cfg.get('tokens', '-')} |"
         )
     owl = {t: cells.get(f"owl/{t}", {}).get("choice") for t in targets}
     lines += ["", f"OWL lambda/M picked on calibration KL: {json.dumps(owl)}"]
@@ -110,22 +123,46 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
         metrics["sparsity"] = comp.sparsity(profile)
         if name == "owl":
             metrics["choice"] = getattr(comp, "chosen", None)
+            metrics["profile"] = profile  # seeds the search below without recomputing the grid
         record(results, key, metrics, started)
+    if target in args.compare_inputs and f"uniform_seq/{target}" not in cells:
+        # The database's Hessians come from dense inputs (one database serves every level). SparseGPT's own
+        # sequential mode feeds each block the already-pruned model's outputs: compare at the uniform profile.
+        started = time.perf_counter()
+        seq_dir = Path(args.db_root) / f"sparsity-{target}-seq"
+        options = {"target": target, **args.db_options, "num_levels": 0, "inputs": "uniform"}
+        build_database(Path(args.model), Path(args.data), seq_dir, options)
+        _restore(adapter, dense_weights)
+        comp = make(adapter, target, db=seq_dir)
+        metrics = evaluate_profile(adapter, comp, comp.initial_profile(), heldout, heldout_ref)
+        record(
+            results,
+            f"uniform_seq/{target}",
+            {**metrics, "sparsity": comp.sparsity(comp.initial_profile())},
+            started,
+        )
     key = f"evopress/{target}"
     if key not in cells:
         started = time.perf_counter()
         comp = fresh()
-        res = run_search(comp, ctx, args.config, Path(args.runs) / f"sparsity-{target}", on_generation=_log)
+        config = args.config
+        seeds = {n: cells[f"{n}/{target}"]["profile"] for n in config.seed_baselines}
+        tag = "" if not config.seed_baselines else "-seeded-" + "-".join(config.seed_baselines)
+        out = Path(args.runs) / f"sparsity-{target}{tag}"
+        res = run_search(comp, ctx, config, out, on_generation=_log, seeds=seeds)
         metrics = evaluate_profile(adapter, comp, res.profile, heldout, heldout_ref)
         metrics.update(
             sparsity=comp.sparsity(res.profile),
+            config={k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},
+            initial_source=res.initial_source,
+            initial_fitness=res.initial_fitness,
             fitness=res.fitness,
             generations=len(res.history),
             median_seconds_per_generation=statistics.median(h["seconds"] for h in res.history),
             db=comp.db.stats(),
             levels_used=sorted(set(res.profile.values())),
         )
-        atomic_write_json(Path(args.runs) / f"sparsity-{target}" / "profile.json", res.profile)
+        atomic_write_json(out / "profile.json", res.profile)
         record(results, key, metrics, started)
 
 
@@ -152,6 +189,11 @@ def main() -> None:
     ap.add_argument("--survivors", default="2,1")
     ap.add_argument("--tokens", default="256,1024")
     ap.add_argument("--baseline-tokens", type=int, default=1024)
+    ap.add_argument(
+        "--seed-baselines",
+        default="owl",
+        help="profiles competing with the uniform start ('' = uniform start only, as the paper)",
+    )
     ap.add_argument("--num-levels", type=int, default=2)
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--dtype", default="auto")
@@ -160,6 +202,9 @@ def main() -> None:
     )
     ap.add_argument("--out", default=str(OUT_JSON))
     ap.add_argument("--heldout-rows", type=int, default=32, help="held-out sequences for the perplexity")
+    ap.add_argument(
+        "--compare-inputs", default="", help="targets at which uniform SparseGPT also runs on pruned inputs"
+    )
     ap.add_argument("--owl-lambdas", default="0.02,0.05,0.08,0.1,0.15,0.2")
     ap.add_argument("--owl-ms", default="3,5,7,10")
     ap.add_argument("--heldout-kl", action="store_true", help="also report held-out KL to the dense model")
@@ -167,6 +212,7 @@ def main() -> None:
     _set_out(args.out)
     args.owl_lambdas = tuple(float(x) for x in args.owl_lambdas.split(","))
     args.owl_ms = tuple(float(x) for x in args.owl_ms.split(","))
+    args.compare_inputs = {float(x) for x in args.compare_inputs.split(",") if x}
     torch.manual_seed(0)
     targets = [float(t) for t in args.targets.split(",")]
     args.db_options = {"num_levels": args.num_levels, "n_samples": args.n_samples}
@@ -177,7 +223,8 @@ def main() -> None:
         tokens=tuple(int(t) for t in args.tokens.split(",")),
         seed=0,
         init="uniform",
-        initial_tokens=int(args.tokens.split(",")[0]),  # unused with a uniform start, but validated
+        initial_tokens=int(args.tokens.split(",")[-1]),
+        seed_baselines=tuple(n for n in args.seed_baselines.split(",") if n),
     )
     results = load_results()
     results["targets"] = sorted(set(results.get("targets", [])) | set(targets))

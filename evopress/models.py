@@ -139,18 +139,24 @@ def save_model(model, tokenizer, out_dir: Path, source: str) -> dict:
     return write_model_folder(model, tokenizer, out_dir, source, extra={})
 
 
-def write_model_folder(model, tokenizer, out_dir: Path, source: str, extra: dict[str, dict]) -> dict:
+def write_model_folder(
+    model, tokenizer, out_dir: Path, source: str, extra: dict[str, dict], writer=None
+) -> dict:
     """save_pretrained + tokenizer + evopress manifest + extra json files into a temp folder, then one rename.
 
-    A reader sees either the previous folder or the complete new one, never a half-written model.
+    A reader sees either the previous folder or the complete new one, never a half-written model. `writer(folder)`
+    replaces save_pretrained for other layouts (the packed quantized one); the manifest hashes whatever it wrote.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         _remove_tree(tmp)
-    strip_gguf_quantization(model)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    if writer is None:
+        strip_gguf_quantization(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    else:
+        writer(tmp)
     for name, obj in extra.items():
         atomic_write_json(tmp / name, obj)
     manifest = {

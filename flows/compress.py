@@ -118,6 +118,16 @@ def compress(project: str = str(PROJECT), wait: float = 0.0) -> dict:
     return {"ran": ran, "table": rows, "mlflow_run": run_id}
 
 
+def recompress_deployment(cron: str, project: str):
+    """The flow as a deployment on a cron schedule (served by `serve`); a bad cron string is a one-line error."""
+    try:
+        return compress.to_deployment(name="evopress-recompress", cron=cron, parameters={"project": project})
+    except ValueError as err:
+        raise SystemExit(
+            f"error: invalid cron schedule {cron!r} ({err}); e.g. '0 3 * * 0' = Sundays 03:00"
+        ) from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.compress", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,7 +147,9 @@ def main() -> None:
         except WorkspaceBusy as err:
             raise SystemExit(f"error: {err}") from None
     elif args.command == "serve":
-        compress.serve(name="evopress-recompress", cron=args.cron, parameters={"project": args.project})
+        from prefect import serve
+
+        serve(recompress_deployment(args.cron, args.project))
     else:
         flow_ = compress.from_source(source=str(PROJECT), entrypoint="flows/compress.py:compress")
         flow_.deploy(name="evopress-gpu", work_pool_name=args.pool, cron=args.cron)

@@ -16,7 +16,7 @@ from evopress.compressors import quantization
 from evopress.database import LevelDatabase
 from evopress.errors import UserError
 from evopress.gptq import rtn
-from evopress.models import load_model
+from evopress.models import load_model, read_manifest
 from evopress.mutation import mutate
 from evopress.packing import bytes_on_disk, load_packed, read_quantized
 from evopress.search import FitnessContext, SearchConfig, run_search
@@ -149,6 +149,9 @@ def test_stitch_packs_exactly_the_database_weights(prepared, built, tmp_path):
     assert torch.equal(model(input_ids=ids).logits, comp.adapter.model(input_ids=ids).logits)
     # The generic loader (what `evopress evaluate --model` and the pipeline's report use) knows the format.
     loaded, _ = load_model(str(tmp_path / "packed"), dtype="float32")
+    assert read_manifest(tmp_path / "packed")["files"][
+        "quantized.safetensors"
+    ]  # hashed like every stitched folder
     assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     sizes = bytes_on_disk(tmp_path / "packed")
     # 3 bits per weight + a float16 scale and a 3-bit zero per 32 weights, to within the byte padding

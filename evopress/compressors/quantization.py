@@ -300,11 +300,7 @@ def linear_prefix(adapter: ModelAdapter, unit: str) -> str:
 @torch.no_grad()
 def stitch(model_dir: Path, profile: dict, db: Path | None, out_dir: Path) -> dict:
     """A profile's bit-widths from the database -> a packed model folder (evopress.packing); returns a report."""
-    import os
-    import shutil
-
-    from evopress.io import atomic_write_json
-    from evopress.models import load_model
+    from evopress.models import load_model, write_model_folder
     from evopress.packing import bytes_on_disk, write_packed
 
     model, tokenizer = load_model(str(model_dir), dtype="float32")
@@ -317,25 +313,22 @@ def stitch(model_dir: Path, profile: dict, db: Path | None, out_dir: Path) -> di
         f"profile has {len(units)} units, the model has {len(comp.units())} linears; wrong model or method?",
     )
     linears = {linear_prefix(adapter, u): comp.quantized(u, b) for u, b in units.items()}
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write_packed(model, tokenizer, linears, tmp, comp.opts.group_size)
-    sizes = bytes_on_disk(tmp)
-    report = {
-        "method": "quantization",
-        "target": comp.target,
-        "average_bits": comp.average_bits(units),
-        "linear_params": comp.total_params(),
-        "group_size": comp.opts.group_size,
-        "bytes_total": sizes["total"],
-        "bytes_quantized": sizes["quantized.safetensors"],
-        "bytes_dense_rest": sizes["dense.safetensors"],
-        "bits_per_weight_on_disk": 8 * sizes["quantized.safetensors"] / comp.total_params(),
-    }
-    atomic_write_json(tmp / "stitch.json", {**report, "profile": profile})
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    report = {"method": "quantization", "target": comp.target, "average_bits": comp.average_bits(units)}
+    stitch_json = {}  # written by write_model_folder after `write`, so it can hold the sizes
+
+    def write(folder: Path) -> None:
+        write_packed(model, tokenizer, linears, folder, comp.opts.group_size)
+        sizes = bytes_on_disk(folder)
+        report.update(
+            linear_params=comp.total_params(),
+            group_size=comp.opts.group_size,
+            bytes_total=sizes["total"],
+            bytes_quantized=sizes["quantized.safetensors"],
+            bytes_dense_rest=sizes["dense.safetensors"],
+            bits_per_weight_on_disk=8 * sizes["quantized.safetensors"] / comp.total_params(),
+        )
+        stitch_json.update(report, profile=profile)
+
+    source = f"stitch:quantization:{profile.get('source', 'profile')}@{comp.target}"
+    write_model_folder(model, tokenizer, Path(out_dir), source, {"stitch.json": stitch_json}, writer=write)
     return report
