@@ -38,7 +38,8 @@ def save_profile(path: Path, profile: dict) -> None:
     atomic_write_json(Path(path), profile)
 
 
-def read_profile(path: Path) -> dict:
+def read_profile(path: Path, keys: tuple[str, ...] = KEYS) -> dict:
+    """A profile json checked for `keys` (stitching accepts hand-written ones: method, target and units)."""
     path = Path(path)
     require(path.is_file(), f"no profile at {str(path)!r}")
     try:
@@ -46,7 +47,7 @@ def read_profile(path: Path) -> dict:
     except json.JSONDecodeError as err:
         raise UserError(f"{str(path)!r} is not valid json: {err}") from err
     require(isinstance(profile, dict), f"{str(path)!r} is not a profile (expected a json object)")
-    missing = [k for k in KEYS if k not in profile]
+    missing = [k for k in keys if k not in profile]
     require(not missing, f"{str(path)!r} is not a profile: missing {missing}")
     require(isinstance(profile["units"], dict), f"{str(path)!r}: 'units' must map unit -> level")
     return profile
