@@ -1,11 +1,19 @@
-"""A progress bar on a terminal, nothing otherwise (DVC and Prefect logs are not terminals)."""
+"""Progress of a long loop: a bar on a terminal, else one plain line per step (DVC and Prefect stream those)."""
 
 import sys
+import time
 
 
 def progress(iterable, total: int, desc: str):
-    if not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
+    if sys.stderr.isatty():
+        from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc)
+        return tqdm(iterable, total=total, desc=desc)
+    return _lines(iterable, total, desc)
+
+
+def _lines(iterable, total: int, desc: str):
+    start = time.perf_counter()
+    for i, item in enumerate(iterable, 1):
+        yield item
+        print(f"{desc}: {i}/{total} ({time.perf_counter() - start:.0f} s)", flush=True)
