@@ -283,7 +283,9 @@ def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict
     tokens = load_tokens(Path(data_dir), "calibration")[: opts.n_samples]
     _, kwargs = adapter.block_inputs(tokens[:1])  # the same for any batch size (SDPA, no padding)
     hidden = torch.cat([adapter.block_inputs(t)[0] for t in tokens.split(opts.batch_size)])
-    for block in progress(range(adapter.num_blocks), adapter.num_blocks, "build-db sparsity"):
+    # Blocks after the last one with missing files need no forward pass: a complete database costs no compute.
+    last = max((split_unit(p[0])[0] for p in todo), default=-1)
+    for block in progress(range(last + 1), last + 1, "build-db sparsity"):
         block_todo = {p for p in todo if split_unit(p[0])[0] == block}
         if block_todo:
             hessians, out = collect_block_hessians(adapter, block, hidden, kwargs, opts.batch_size)
