@@ -34,7 +34,14 @@ from evopress.search import FitnessContext, SearchConfig, run_search
 RESULTS = Path("benchmarks/results")
 OUT_JSON = RESULTS / "sparsity_quality.json"
 OUT_MD = RESULTS / "sparsity_quality.md"
-ROWS = ("evopress", "owl", "uniform", "uniform_seq", "magnitude")  # uniform_seq: Hessians from pruned inputs
+ROWS = (
+    "evopress",
+    "evopress_seqdb",
+    "owl",
+    "uniform",
+    "uniform_seq",
+    "magnitude",
+)  # uniform_seq: Hessians from pruned inputs
 
 
 def load_results() -> dict:
@@ -69,7 +76,7 @@ def markdown(results: dict) -> str:
             f"{evo.get('median_seconds_per_generation', float('nan')):.2f} | {evo.get('generations', '-')} | "
             f"{evo.get('db', {}).get('seconds_per_load', float('nan')):.4f} |"
         )
-    searched = sorted((k, c) for k, c in cells.items() if k.startswith("evopress/"))
+    searched = sorted((k, c) for k, c in cells.items() if k.startswith("evopress"))
     lines += [
         "",
         "| search | started from | start KL | final KL | generations | offspring | tokens per step |",
@@ -96,6 +103,10 @@ def record(results, key, metrics, started):
 
 def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target: float) -> None:
     cells = results["cells"]
+    if args.db_inputs == "uniform":
+        return search_on_sequential_database(
+            args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target
+        )
     db_dir = Path(args.db_root) / f"sparsity-{target}"
     t = time.perf_counter()
     db = build_database(Path(args.model), Path(args.data), db_dir, {"target": target, **args.db_options})
@@ -166,6 +177,40 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
         record(results, key, metrics, started)
 
 
+def search_on_sequential_database(args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target):
+    """EvoPress over a database whose Hessians come from the model pruned uniformly at the target (inputs=uniform):
+    the same levels, other weights. Seeded like the main row (OWL's profile, which names levels, not weights)."""
+    cells, key = results["cells"], f"evopress_seqdb/{target}"
+    if key in cells:
+        return
+    started = time.perf_counter()
+    db_dir = Path(args.db_root) / f"sparsity-{target}-seqdb"
+    options = {"target": target, **args.db_options, "inputs": "uniform"}
+    db = build_database(Path(args.model), Path(args.data), db_dir, options)
+    results["databases"][f"{target}-seqdb"] = {
+        "build_seconds": db.manifest.get("build_seconds"),
+        "bytes": db.size_on_disk(),
+    }
+    _restore(adapter, dense_weights)
+    comp = make(adapter, target, db=db_dir)
+    config = args.config
+    seeds = {n: cells[f"{n}/{target}"]["profile"] for n in config.seed_baselines}
+    res = run_search(
+        comp, ctx, config, Path(args.runs) / f"sparsity-{target}-seqdb", on_generation=_log, seeds=seeds
+    )
+    metrics = evaluate_profile(adapter, comp, res.profile, heldout, heldout_ref)
+    metrics.update(
+        sparsity=comp.sparsity(res.profile),
+        config={k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},
+        initial_source=res.initial_source,
+        initial_fitness=res.initial_fitness,
+        fitness=res.fitness,
+        generations=len(res.history),
+        median_seconds_per_generation=statistics.median(h["seconds"] for h in res.history),
+    )
+    record(results, key, metrics, started)
+
+
 def _log(info) -> None:
     if info.generation % 5 == 0:
         print(f"  generation {info.generation}: KL {info.fitness:.4f} ({info.seconds:.1f}s)", flush=True)
@@ -204,6 +249,12 @@ def main() -> None:
     ap.add_argument("--heldout-rows", type=int, default=32, help="held-out sequences for the perplexity")
     ap.add_argument(
         "--compare-inputs", default="", help="targets at which uniform SparseGPT also runs on pruned inputs"
+    )
+    ap.add_argument(
+        "--db-inputs",
+        default="dense",
+        choices=["dense", "uniform"],
+        help="uniform: only the EvoPress row, on a database built from uniformly pruned inputs",
     )
     ap.add_argument("--owl-lambdas", default="0.02,0.05,0.08,0.1,0.15,0.2")
     ap.add_argument("--owl-ms", default="3,5,7,10")
