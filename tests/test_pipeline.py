@@ -178,7 +178,7 @@ def test_prefect_flow_runs_the_graph(project, monkeypatch):
     params["methods"]["depth"]["search"]["seed"] = 1
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.setenv("PATH", f"{BIN}:{os.environ['PATH']}")
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=300):  # a busy 2-core CI box starts it slowly
         result = compress(project=str(proj))
     assert {"search@depth", "evaluate"} <= set(result["ran"])  # report skips when metrics are unchanged
     assert any(r["method"] == "depth" and r["profile"] == "evopress" for r in result["table"])
