@@ -156,25 +156,31 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
     if key not in cells:
         started = time.perf_counter()
         comp = fresh()
-        config = args.config
-        seeds = {n: cells[f"{n}/{target}"]["profile"] for n in config.seed_baselines}
-        tag = "" if not config.seed_baselines else "-seeded-" + "-".join(config.seed_baselines)
+        tag = "" if not args.config.seed_baselines else "-seeded-" + "-".join(args.config.seed_baselines)
         out = Path(args.runs) / f"sparsity-{target}{tag}"
-        res = run_search(comp, ctx, config, out, on_generation=_log, seeds=seeds)
-        metrics = evaluate_profile(adapter, comp, res.profile, heldout, heldout_ref)
-        metrics.update(
-            sparsity=comp.sparsity(res.profile),
-            config={k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},
-            initial_source=res.initial_source,
-            initial_fitness=res.initial_fitness,
-            fitness=res.fitness,
-            generations=len(res.history),
-            median_seconds_per_generation=statistics.median(h["seconds"] for h in res.history),
-            db=comp.db.stats(),
-            levels_used=sorted(set(res.profile.values())),
-        )
+        metrics, res = seeded_search(args, cells, comp, ctx, heldout, heldout_ref, target, out)
         atomic_write_json(out / "profile.json", res.profile)
         record(results, key, metrics, started)
+
+
+def seeded_search(args, cells, comp, ctx, heldout, heldout_ref, target, out) -> tuple[dict, object]:
+    """The search (seeded from the baselines' stored profiles) and its held-out metrics."""
+    config = args.config
+    seeds = {n: cells[f"{n}/{target}"]["profile"] for n in config.seed_baselines}
+    res = run_search(comp, ctx, config, out, on_generation=_log, seeds=seeds)
+    metrics = evaluate_profile(comp.adapter, comp, res.profile, heldout, heldout_ref)
+    metrics.update(
+        sparsity=comp.sparsity(res.profile),
+        config={k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},
+        initial_source=res.initial_source,
+        initial_fitness=res.initial_fitness,
+        fitness=res.fitness,
+        generations=len(res.history),
+        median_seconds_per_generation=statistics.median(h["seconds"] for h in res.history),
+        db=comp.db.stats(),
+        levels_used=sorted(set(res.profile.values())),
+    )
+    return metrics, res
 
 
 def search_on_sequential_database(args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target):
@@ -193,21 +199,8 @@ def search_on_sequential_database(args, results, adapter, ctx, heldout, heldout_
     }
     _restore(adapter, dense_weights)
     comp = make(adapter, target, db=db_dir)
-    config = args.config
-    seeds = {n: cells[f"{n}/{target}"]["profile"] for n in config.seed_baselines}
-    res = run_search(
-        comp, ctx, config, Path(args.runs) / f"sparsity-{target}-seqdb", on_generation=_log, seeds=seeds
-    )
-    metrics = evaluate_profile(adapter, comp, res.profile, heldout, heldout_ref)
-    metrics.update(
-        sparsity=comp.sparsity(res.profile),
-        config={k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},
-        initial_source=res.initial_source,
-        initial_fitness=res.initial_fitness,
-        fitness=res.fitness,
-        generations=len(res.history),
-        median_seconds_per_generation=statistics.median(h["seconds"] for h in res.history),
-    )
+    out = Path(args.runs) / f"sparsity-{target}-seqdb"
+    metrics, _ = seeded_search(args, cells, comp, ctx, heldout, heldout_ref, target, out)
     record(results, key, metrics, started)
 
 

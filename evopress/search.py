@@ -265,7 +265,7 @@ def initial_parent(comp, ctx, live, config, rng, seeds: dict) -> tuple[Profile, 
     """The start: the uniform profile or the best of random ones, competing with any seed profiles."""
     if config.init == "uniform":
         pool, names = [comp.initial_profile()], ["uniform"]
-        if not seeds:
+        if not config.seed_baselines:
             return pool[0], None, "uniform"
     else:
         pool = [comp.random_profile(rng) for _ in range(config.initially_generated)]
@@ -312,8 +312,8 @@ def run_search(
     state = _load_checkpoint(out_dir, config, comp) if out_dir else None
     if state is None:
         rng = random.Random(config.seed)
-        seed_profiles = (seeds() if callable(seeds) else seeds) if config.seed_baselines else {}
-        parent, fitness, source = initial_parent(comp, ctx, live, config, rng, seed_profiles or {})
+        seed_profiles = ((seeds() if callable(seeds) else seeds) or {}) if config.seed_baselines else {}
+        parent, fitness, source = initial_parent(comp, ctx, live, config, rng, seed_profiles)
         total = comp.total_cost(parent)
         require(comp.total_cost(comp.initial_profile()) == total, f"initial profile is off budget ({total})")
         state = {

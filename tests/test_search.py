@@ -154,16 +154,22 @@ def test_prefix_reuse_changes_time_not_results(setup8):
     assert on.profile == off.profile
 
 
+def brute_force_kl(comp, ctx) -> dict:
+    """KL on the whole calibration set of every way to remove 3 of the 8 blocks (56 profiles)."""
+    kl = {}
+    for removed in itertools.combinations(range(8), 3):
+        comp.apply_profile(comp.profile_from_blocks(list(removed)))
+        kl[removed] = ctx.kl(torch.arange(8))
+    return kl
+
+
 def test_search_finds_the_brute_force_optimum(setup8):
     """8 blocks, remove 3: 56 profiles. With every step scoring the whole calibration set the fitness is
     deterministic, so the search must end at the brute-force minimum of that same fitness."""
     adapter, ctx = setup8
     comp = make(adapter, 3, options={"granularity": "block"})
     everything = ctx.total_tokens
-    kl = {}
-    for removed in itertools.combinations(range(8), 3):
-        comp.apply_profile(comp.profile_from_blocks(list(removed)))
-        kl[removed] = ctx.kl(torch.arange(8))
+    kl = brute_force_kl(comp, ctx)
     best = min(kl, key=kl.get)
     config = small_config(generations=12, offspring=12, survivors=(4, 1), tokens=(everything, everything))
     infos = []
@@ -200,10 +206,7 @@ def test_a_seed_profile_fitter_than_every_random_start_becomes_the_parent(setup8
     adapter, ctx = setup8
     comp = make(adapter, 3, options={"granularity": "block"})
     everything = ctx.total_tokens
-    kl = {}
-    for removed in itertools.combinations(range(8), 3):
-        comp.apply_profile(comp.profile_from_blocks(list(removed)))
-        kl[removed] = ctx.kl(torch.arange(8))
+    kl = brute_force_kl(comp, ctx)
     best = comp.profile_from_blocks(list(min(kl, key=kl.get)))
     worst = comp.profile_from_blocks(list(max(kl, key=kl.get)))
     config = small_config(generations=0, initial_tokens=everything, seed_baselines=("best", "worst"))
