@@ -228,7 +228,7 @@ def main() -> None:
     )
     results = load_results()
     results.update(
-        ks=ks,
+        ks=sorted(set(results.get("ks", [])) | set(ks)),  # a run over some levels keeps the others' columns
         search_config=asdict(config),
         baseline_tokens=args.baseline_tokens,
         dtype=args.dtype,
