@@ -61,13 +61,14 @@ def markdown(results: dict) -> str:
     if searched:
         lines += [
             "",
-            "| search | started from | start KL | final KL | generations | s/generation | minutes |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| search | started from | start KL | final KL | generations | tokens per step | s/generation | minutes |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for key, c in sorted(searched):
             lines.append(
                 f"| {key} | {c['initial_source']} | {c['initial_fitness']:.4f} | {c['fitness']:.4f} | "
-                f"{c['config']['generations']} | {c['median_seconds_per_generation']:.1f} | {c['seconds'] / 60:.1f} |"
+                f"{c['config']['generations']} | {','.join(map(str, c['config']['tokens']))} | "
+                f"{c['median_seconds_per_generation']:.1f} | {c['seconds'] / 60:.1f} |"
             )
     speed = results.get("speed")
     if speed:
@@ -193,6 +194,9 @@ def main() -> None:
     ap.add_argument("--speed-generations", type=int, default=1)
     ap.add_argument("--initially-generated", type=int, default=16, help="random starting candidates")
     ap.add_argument(
+        "--initial-tokens", type=int, default=0, help="tokens scoring the starts (0 = the last step's)"
+    )
+    ap.add_argument(
         "--seed-baselines",
         default="shortgpt,window,shortened_ppl",
         help="baselines whose profiles compete for the search's start ('' = random starts only, as the paper)",
@@ -223,7 +227,7 @@ def main() -> None:
         seed=0,
         init="random",
         initially_generated=args.initially_generated,
-        initial_tokens=int(args.tokens.split(",")[-1]),
+        initial_tokens=args.initial_tokens or int(args.tokens.split(",")[-1]),
         seed_baselines=tuple(n for n in args.seed_baselines.split(",") if n),
     )
     results = load_results()
