@@ -1,7 +1,7 @@
 """How noisy is selection on a few calibration sequences? The paper's open question (rank stability of candidates
 between small and large token samples), measured on the depth search of the default model.
 
-    .venv/bin/python benchmarks/selection_noise.py [--children 12] [--granularity block --k 12 --parent shortened_ppl]
+    .venv/bin/python benchmarks/selection_noise.py [--parts stability,drift,heldout] [--heldout-ks 4,8,12]
 
 1. Rank stability. Children of one parent (level-switch mutation, as the search makes them) are scored on every
    calibration row once. Any sample of whole rows then has an exact score (the mean of its rows), so for samples of
@@ -10,6 +10,8 @@ between small and large token samples), measured on the depth search of the defa
    set beats it on the sample (a false replacement in the last selection step).
 2. Drift. For every EvoPress cell of benchmarks/results/depth_quality.json: KL on all calibration rows of the profile
    the search started from and of the one it ended at, next to their held-out perplexities.
+3. Held-out check at the levels of --heldout-ks: every row of the depth table re-measured on all 32 held-out rows
+   (the table uses 8), as perplexity and as KL to the dense model (what the search minimises on calibration rows).
 
 Reads the model and data of the pipeline (data/model, data/text) and the cached dense reference of depth_quality.py.
 Writes benchmarks/results/selection_noise.json and .md.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 from pathlib import Path
@@ -30,7 +33,7 @@ from depth_quality import cached_context
 from evopress.adapter import ModelAdapter
 from evopress.compressors.depth import make
 from evopress.data import load_tokens
-from evopress.fitness import mean_kl
+from evopress.fitness import DenseReference, _token_chunks, final_hidden, kl_of_hidden, mean_kl
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.models import load_model
 from evopress.search import make_offspring
@@ -106,6 +109,8 @@ def drift(ctx, adapter, cells: dict) -> list[dict]:
         out.append(
             {
                 "search": key,
+                "tokens": cell["config"]["tokens"],
+                "generations": cell["config"]["generations"],
                 "start": cell["initial_source"],
                 "start_full_kl": kl_start,
                 "end_full_kl": kl_end,
@@ -115,6 +120,73 @@ def drift(ctx, adapter, cells: dict) -> list[dict]:
         )
         print(json.dumps(out[-1]), flush=True)
     return out
+
+
+@torch.no_grad()
+def heldout_metrics(
+    adapter, heldout: torch.Tensor, ref: DenseReference, batch_size: int = 8
+) -> tuple[float, float]:
+    """KL to the dense model and perplexity of the live model, from one forward pass per batch."""
+    kl, nll, count = 0.0, 0.0, 0
+    for rows in torch.arange(len(heldout)).split(batch_size):
+        batch = heldout[rows]
+        hidden = final_hidden(adapter, batch)
+        kl += float(kl_of_hidden(adapter, hidden, ref.rows(rows)))
+        logits = torch.cat([adapter.logits(c) for c in _token_chunks(hidden[:, :-1])]).float()
+        nll += float(torch.nn.functional.cross_entropy(logits, batch[:, 1:].reshape(-1), reduction="sum"))
+        count += batch[:, 1:].numel()
+    return kl / heldout.numel(), math.exp(nll / count)
+
+
+def heldout_table(adapter, heldout, cells: dict, ks: list[int]) -> list[dict]:
+    """Every row of the depth table at the levels `ks`, re-measured on `heldout` (more rows than the table's)."""
+    ref = DenseReference.build(adapter, heldout, 512)
+    kl, ppl = heldout_metrics(adapter, heldout, ref)
+    out = [
+        {
+            "cell": "dense",
+            "k": 0,
+            "heldout_kl": kl,
+            "perplexity": ppl,
+            "table_perplexity": cells["dense"]["perplexity"],
+        }
+    ]
+    for k in ks:
+        for key, cell in sorted(cells.items()):
+            if not key.endswith(f"/k{k}") or "removed" not in cell:
+                continue
+            gran = "block" if "block" in cell["removed"] else "sublayer"  # random's profile is sublayers
+            comp = make(adapter, k, options={"granularity": gran})
+            comp.apply_profile(comp.profile_from_blocks(cell["removed"]))
+            kl, ppl = heldout_metrics(adapter, heldout, ref)
+            adapter.restore_all()
+            out.append(
+                {
+                    "cell": key,
+                    "k": k,
+                    "heldout_kl": kl,
+                    "perplexity": ppl,
+                    "table_perplexity": cell["perplexity"],
+                }
+            )
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def stability_part(ctx, adapter, cells: dict, args) -> dict:
+    comp = make(adapter, args.k, options={"granularity": args.granularity})
+    parent = comp.profile_from_blocks(cells[f"{args.parent}/k{args.k}"]["removed"]["block"])
+    children = make_offspring(comp, parent, args.children, random.Random(0), max_steps=3)
+    parent_rows = row_kls(ctx, comp, parent)
+    child_rows = [row_kls(ctx, comp, c) for c in children]
+    parent_kl = statistics.fmean(parent_rows)
+    return {
+        "parent": {"name": args.parent, "granularity": args.granularity, "k": args.k, "full_kl": parent_kl},
+        "children": len(children),
+        "draws": args.draws,
+        "worse_children": sum(statistics.fmean(r) > parent_kl for r in child_rows),
+        "stability": rank_stability(parent_rows, child_rows, args.draws, seed=0),
+    }
 
 
 def markdown(res: dict) -> str:
@@ -135,14 +207,26 @@ def markdown(res: dict) -> str:
         )
     lines += [
         "",
-        "| search | started from | start KL (all rows) | end KL (all rows) | start ppl | end ppl |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| search | generations | tokens per step | started from | start KL (all rows) | end KL (all rows) | start ppl | end ppl |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for d in res["drift"]:
         lines.append(
-            f"| {d['search']} | {d['start']} | {d['start_full_kl']:.4f} | {d['end_full_kl']:.4f} | "
+            f"| {d['search']} | {d['generations']} | {','.join(map(str, d['tokens']))} | {d['start']} | {d['start_full_kl']:.4f} | {d['end_full_kl']:.4f} | "
             f"{d['start_ppl']:.2f} | {d['end_ppl']:.2f} |"
         )
+    if res.get("heldout"):
+        lines += [
+            "",
+            f"Held-out, {res['heldout_rows']} rows x 512 tokens (the depth table uses 8):",
+            "",
+            "| row | held-out KL to dense | perplexity | table perplexity (8 rows) |",
+            "| --- | --- | --- | --- |",
+        ]
+        for h in sorted(res["heldout"], key=lambda h: (h["k"], h["heldout_kl"])):
+            lines.append(
+                f"| {h['cell']} | {h['heldout_kl']:.4f} | {h['perplexity']:.2f} | {h['table_perplexity']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -157,6 +241,11 @@ def main() -> None:
     ap.add_argument("--children", type=int, default=12)
     ap.add_argument("--draws", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--heldout-ks", default="4", help="levels whose rows get a held-out KL ('' = none)")
+    ap.add_argument("--heldout-rows", type=int, default=32, help="all of them: 4x the depth table's 8")
+    ap.add_argument(
+        "--parts", default="stability,drift,heldout", help="parts to measure; others are kept from the json"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cells = json.loads(DEPTH_JSON.read_text())["cells"]
@@ -166,23 +255,26 @@ def main() -> None:
     args.dtype = "auto"
     ctx = cached_context(adapter, calibration, args)
 
-    comp = make(adapter, args.k, options={"granularity": args.granularity})
-    parent = comp.profile_from_blocks(cells[f"{args.parent}/k{args.k}"]["removed"]["block"])
-    children = make_offspring(comp, parent, args.children, random.Random(0), max_steps=3)
-    parent_rows = row_kls(ctx, comp, parent)
-    child_rows = [row_kls(ctx, comp, c) for c in children]
-    full = [statistics.fmean(r) for r in child_rows]
-    res = {
-        "parent": {"name": args.parent, "granularity": args.granularity, "k": args.k},
-        "children": len(children),
-        "draws": args.draws,
-        "worse_children": sum(f > statistics.fmean(parent_rows) for f in full),
-        "stability": rank_stability(parent_rows, child_rows, args.draws, seed=0),
-    }
-    res["parent"]["full_kl"] = statistics.fmean(parent_rows)
-    print(json.dumps(res["stability"]), flush=True)
-    res["drift"] = drift(ctx, adapter, cells)
-    atomic_write_json(RESULTS / "selection_noise.json", res)
+    parts = args.parts.split(",")
+    out_json = RESULTS / "selection_noise.json"
+    res = json.loads(out_json.read_text()) if out_json.exists() else {}
+    if "stability" in parts:
+        res.update(stability_part(ctx, adapter, cells, args))
+        print(json.dumps(res["stability"]), flush=True)
+    if "drift" in parts:
+        new = drift(ctx, adapter, cells)  # earlier searches of other settings stay in the table
+        done = {(d["search"], tuple(d["tokens"]), d["generations"]) for d in new}
+        old = [
+            d for d in res.get("drift", []) if (d["search"], tuple(d["tokens"]), d["generations"]) not in done
+        ]
+        res["drift"] = old + new
+    if "heldout" in parts:
+        heldout = load_tokens(args.data, "heldout")[: args.heldout_rows]
+        res["heldout_rows"] = len(heldout)
+        res["heldout"] = heldout_table(
+            adapter, heldout, cells, [int(k) for k in args.heldout_ks.split(",") if k]
+        )
+    atomic_write_json(out_json, res)
     atomic_write_text(RESULTS / "selection_noise.md", markdown(res))
     print(markdown(res))
 
