@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import statistics
 from pathlib import Path
@@ -33,7 +32,7 @@ from depth_quality import cached_context
 from evopress.adapter import ModelAdapter
 from evopress.compressors.depth import make
 from evopress.data import load_tokens
-from evopress.fitness import DenseReference, _token_chunks, final_hidden, kl_of_hidden, mean_kl
+from evopress.fitness import DenseReference, mean_kl, perplexity_and_kl
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.models import load_model
 from evopress.search import make_offspring
@@ -122,26 +121,10 @@ def drift(ctx, adapter, cells: dict) -> list[dict]:
     return out
 
 
-@torch.no_grad()
-def heldout_metrics(
-    adapter, heldout: torch.Tensor, ref: DenseReference, batch_size: int = 8
-) -> tuple[float, float]:
-    """KL to the dense model and perplexity of the live model, from one forward pass per batch."""
-    kl, nll, count = 0.0, 0.0, 0
-    for rows in torch.arange(len(heldout)).split(batch_size):
-        batch = heldout[rows]
-        hidden = final_hidden(adapter, batch)
-        kl += float(kl_of_hidden(adapter, hidden, ref.rows(rows)))
-        logits = torch.cat([adapter.logits(c) for c in _token_chunks(hidden[:, :-1])]).float()
-        nll += float(torch.nn.functional.cross_entropy(logits, batch[:, 1:].reshape(-1), reduction="sum"))
-        count += batch[:, 1:].numel()
-    return kl / heldout.numel(), math.exp(nll / count)
-
-
 def heldout_table(adapter, heldout, cells: dict, ks: list[int]) -> list[dict]:
     """Every row of the depth table at the levels `ks`, re-measured on `heldout` (more rows than the table's)."""
     ref = DenseReference.build(adapter, heldout, 512)
-    kl, ppl = heldout_metrics(adapter, heldout, ref)
+    ppl, kl = perplexity_and_kl(adapter, heldout, ref)
     out = [
         {
             "cell": "dense",
@@ -158,7 +141,7 @@ def heldout_table(adapter, heldout, cells: dict, ks: list[int]) -> list[dict]:
             gran = "block" if "block" in cell["removed"] else "sublayer"  # random's profile is sublayers
             comp = make(adapter, k, options={"granularity": gran})
             comp.apply_profile(comp.profile_from_blocks(cell["removed"]))
-            kl, ppl = heldout_metrics(adapter, heldout, ref)
+            ppl, kl = perplexity_and_kl(adapter, heldout, ref)
             adapter.restore_all()
             out.append(
                 {
@@ -207,12 +190,14 @@ def markdown(res: dict) -> str:
         )
     lines += [
         "",
-        "| search | generations | tokens per step | started from | start KL (all rows) | end KL (all rows) | start ppl | end ppl |",
+        "| search | generations | tokens per step | started from | start KL (all rows) | end KL (all rows) "
+        "| start ppl | end ppl |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for d in res["drift"]:
         lines.append(
-            f"| {d['search']} | {d['generations']} | {','.join(map(str, d['tokens']))} | {d['start']} | {d['start_full_kl']:.4f} | {d['end_full_kl']:.4f} | "
+            f"| {d['search']} | {d['generations']} | {','.join(map(str, d['tokens']))} | {d['start']} | "
+            f"{d['start_full_kl']:.4f} | {d['end_full_kl']:.4f} | "
             f"{d['start_ppl']:.2f} | {d['end_ppl']:.2f} |"
         )
     if res.get("heldout"):
@@ -241,6 +226,7 @@ def main() -> None:
     ap.add_argument("--children", type=int, default=12)
     ap.add_argument("--draws", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto")
     ap.add_argument("--heldout-ks", default="4", help="levels whose rows get a held-out KL ('' = none)")
     ap.add_argument("--heldout-rows", type=int, default=32, help="all of them: 4x the depth table's 8")
     ap.add_argument(
@@ -249,10 +235,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cells = json.loads(DEPTH_JSON.read_text())["cells"]
-    model, _ = load_model(args.model, dtype="auto")
+    model, _ = load_model(args.model, dtype=args.dtype)
     adapter = ModelAdapter(model)
     calibration = load_tokens(args.data, "calibration")[: args.calibration_rows]
-    args.dtype = "auto"
     ctx = cached_context(adapter, calibration, args)
 
     parts = args.parts.split(",")

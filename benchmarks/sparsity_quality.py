@@ -34,14 +34,8 @@ from evopress.search import FitnessContext, SearchConfig, run_search
 RESULTS = Path("benchmarks/results")
 OUT_JSON = RESULTS / "sparsity_quality.json"
 OUT_MD = RESULTS / "sparsity_quality.md"
-ROWS = (
-    "evopress",
-    "evopress_seqdb",
-    "owl",
-    "uniform",
-    "uniform_seq",
-    "magnitude",
-)  # uniform_seq: Hessians from pruned inputs
+# *_seq / *_seqdb: SparseGPT Hessians from sequentially pruned inputs instead of the dense model's
+ROWS = ("evopress", "evopress_seqdb", "owl", "uniform", "uniform_seq", "magnitude")
 
 
 def load_results() -> dict:

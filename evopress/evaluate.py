@@ -5,17 +5,17 @@ from __future__ import annotations
 import torch
 
 from evopress.adapter import ModelAdapter
-from evopress.fitness import DenseReference, mean_kl, perplexity
+from evopress.fitness import DenseReference, perplexity, perplexity_and_kl
 
 
 def evaluate_live(
     adapter: ModelAdapter, heldout: torch.Tensor, ref: DenseReference | None = None, batch_size: int = 8
 ) -> dict:
     """Metrics of the model as it is now (dense, or with a profile applied)."""
-    metrics = {"perplexity": perplexity(adapter, heldout, batch_size), "heldout_tokens": heldout.numel()}
-    if ref is not None:
-        metrics["kl"] = mean_kl(adapter, heldout, ref, batch_size=batch_size)
-    return metrics
+    if ref is None:
+        return {"perplexity": perplexity(adapter, heldout, batch_size), "heldout_tokens": heldout.numel()}
+    ppl, kl = perplexity_and_kl(adapter, heldout, ref, batch_size)
+    return {"perplexity": ppl, "heldout_tokens": heldout.numel(), "kl": kl}
 
 
 def evaluate_profile(

@@ -82,6 +82,13 @@ def token_kl_topk(logits: torch.Tensor, ref_logp: torch.Tensor, ref_index: torch
     return head + p_tail * (p_tail.log() - q_tail.log())
 
 
+def _chunk_kl(logits, logp, index, start: int, end: int) -> torch.Tensor:
+    """Per-token KL of a chunk of logits against reference rows start:end (flattened [tokens, K or V])."""
+    if index is None:
+        return token_kl_full(logits, logp[start:end])
+    return token_kl_topk(logits, logp[start:end], index[start:end])
+
+
 @torch.no_grad()
 def kl_of_hidden(adapter: ModelAdapter, hidden: torch.Tensor, ref: DenseReference) -> torch.Tensor:
     """Sum of per-token KL for final hidden states [b, s, d] against the matching reference rows."""
@@ -91,12 +98,7 @@ def kl_of_hidden(adapter: ModelAdapter, hidden: torch.Tensor, ref: DenseReferenc
     start = 0
     for chunk in _token_chunks(hidden):
         end = start + len(chunk)
-        logits = adapter.logits(chunk)
-        if index is None:
-            kl = token_kl_full(logits, logp[start:end])
-        else:
-            kl = token_kl_topk(logits, logp[start:end], index[start:end])
-        total += kl.double().sum()
+        total += _chunk_kl(adapter.logits(chunk), logp, index, start, end).double().sum()
         start = end
     return total
 
@@ -133,3 +135,33 @@ def perplexity(adapter: ModelAdapter, tokens: torch.Tensor, batch_size: int = 8)
             start = end
         count += targets.numel()
     return float(torch.exp(nll / count))
+
+
+@torch.no_grad()
+def perplexity_and_kl(
+    adapter: ModelAdapter, tokens: torch.Tensor, ref: DenseReference, batch_size: int = 8
+) -> tuple[float, float]:
+    """`perplexity` and `mean_kl` of `tokens` from one forward pass (half the cost of calling both)."""
+    nll = torch.zeros((), dtype=torch.float64)
+    kl = torch.zeros((), dtype=torch.float64)
+    predicted = 0
+    for rows in torch.arange(len(tokens)).split(batch_size):
+        batch = tokens[rows]
+        hidden = final_hidden(adapter, batch)
+        # Row-major flattening: the last position of each row has no next token to predict.
+        targets = torch.nn.functional.pad(batch[:, 1:], (0, 1), value=-100).reshape(-1)
+        r = ref.rows(rows)
+        logp = r.logp.reshape(-1, r.logp.shape[-1])
+        index = None if r.index is None else r.index.reshape(-1, r.index.shape[-1])
+        start = 0
+        for chunk in _token_chunks(hidden):
+            end = start + len(chunk)
+            logits = adapter.logits(chunk).float()
+            loss = torch.nn.functional.cross_entropy(
+                logits, targets[start:end], ignore_index=-100, reduction="sum"
+            )
+            nll += loss.double()
+            kl += _chunk_kl(logits, logp, index, start, end).double().sum()
+            start = end
+        predicted += batch[:, 1:].numel()
+    return float(torch.exp(nll / predicted)), float(kl / tokens.numel())

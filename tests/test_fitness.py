@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evopress.adapter import ModelAdapter
-from evopress.fitness import DenseReference, mean_kl, perplexity
+from evopress.fitness import DenseReference, mean_kl, perplexity, perplexity_and_kl
 
 
 def _perturbed(model, scale=0.05, seed=3):
@@ -64,3 +64,13 @@ def test_perplexity_matches_model_loss(llama, tokens):
     with torch.no_grad():
         loss = llama(tokens, labels=tokens).loss
     assert perplexity(ModelAdapter(llama), tokens, batch_size=3) == pytest.approx(loss.exp().item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("topk", [None, 16])
+def test_one_pass_evaluation_equals_the_two_separate_ones(llama, tokens, topk):
+    ref = DenseReference.build(ModelAdapter(llama), tokens, topk=topk)
+    adapter = ModelAdapter(_perturbed(llama))
+    ppl, kl = perplexity_and_kl(adapter, tokens, ref, batch_size=3)
+    assert kl > 1e-6  # the perturbation is visible
+    assert ppl == pytest.approx(perplexity(adapter, tokens, batch_size=3), rel=1e-6)
+    assert kl == pytest.approx(mean_kl(adapter, tokens, ref, batch_size=3), rel=1e-6)
