@@ -12,15 +12,8 @@ from pathlib import Path
 
 import typer
 
+from evopress.cli_app import app
 from evopress.errors import UserError
-
-app = typer.Typer(
-    help="EvoPress: non-uniform LLM compression by evolutionary search.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode=None,  # help texts hold source syntax like hf:<ds>[/<cfg>], not markup
-)
 
 # Modules that add commands to `app` when imported (one per topic, so methods do not share a file).
 COMMAND_MODULES: list[str] = ["evopress.cli_database", "evopress.cli_compress", "evopress.cli_pipeline"]
@@ -38,10 +31,9 @@ def prepare_model_cmd(
     ),
 ) -> None:
     """Load a base model from any source and save it once as a plain safetensors folder with its tokenizer."""
-    from evopress.models import load_model, save_model
+    from evopress.stages import prepare_model
 
-    model, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
-    manifest = save_model(model, tokenizer, out, source)
+    manifest = prepare_model(source, out, dtype, trust_remote_code)
     typer.echo(
         f"saved {source} -> {out} ({manifest['model_type']}, {manifest['num_hidden_layers']} blocks, "
         f"{manifest['parameters'] / 1e6:.1f}M parameters, sha256 {manifest['sha256'][:12]})"
@@ -61,18 +53,13 @@ def prepare_data_cmd(
     out: Path = typer.Option(Path("data/text"), help="folder to write the token sets into"),
 ) -> None:
     """Tokenize a text source into calibration and held-out sequences (split on whole documents)."""
-    from transformers import AutoConfig, AutoTokenizer
+    from evopress.data import DataSpec
+    from evopress.stages import prepare_data
 
-    from evopress.data import DataSpec, prepare_data
-    from evopress.models import read_manifest
-
-    read_manifest(model)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    max_context = getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None)
     spec = DataSpec(
         source=source, seq_len=seq_len, n_calibration=n_calibration, n_heldout=n_heldout, field=field
     )
-    manifest = prepare_data(spec, tokenizer, out, max_context=max_context)
+    manifest = prepare_data(model, spec, out)
     typer.echo(
         f"wrote {out}: {manifest['calibration_tokens']} calibration and {manifest['heldout_tokens']} held-out "
         f"tokens from {manifest['documents']} documents of {source}"

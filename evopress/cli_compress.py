@@ -1,61 +1,26 @@
-"""Commands shared by every compression method: `search`, `baseline`, `evaluate`.
+"""Commands shared by every compression method: `search`, `baseline`, `evaluate`: thin calls into evopress.stages.
 
-A method plugs in through evopress/methods.py (`make` and `BASELINES`); nothing here is method-specific.
-Method options go through a repeatable `--option key=value`.
+A method plugs in through evopress/methods.py; nothing here is method-specific. Method options go through a
+repeatable `--option key=value` (values read as json when they parse: numbers, true, lists).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
-from evopress.cli import app
-from evopress.errors import UserError, require
-
-# Factories called by `search` with the run's parameters; each returns an on_generation callback or None.
-# Tracking (MLflow) registers itself here, so the search engine and this module stay free of it.
-GENERATION_HOOKS: list[Callable[[dict], Callable | None]] = []
+from evopress.cli_app import app
+from evopress.config import ComputeConfig, SearchConfig, parse_int_list, parse_option_pairs
 
 
-def build_on_generation(params: dict) -> Callable | None:
-    callbacks = [cb for cb in (hook(params) for hook in GENERATION_HOOKS) if cb is not None]
-    if not callbacks:
-        return None
+def progress_line(total: int):
+    """One line per generation on stdout: under DVC and Prefect there is no terminal for a progress bar."""
 
     def on_generation(info) -> None:
-        for cb in callbacks:
-            cb(info)
+        typer.echo(f"generation {info.generation}/{total}: KL {info.fitness:.5f} ({info.seconds:.1f} s)")
 
     return on_generation
-
-
-def parse_options(items: list[str] | None) -> dict:
-    options = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        require(bool(sep) and bool(key), f"bad --option {item!r}; expected key=value")
-        options[key.strip()] = value.strip()
-    return options
-
-
-def parse_ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        require(False, f"bad {name} {text!r}; expected comma-separated integers like 4,1")
-    return values
-
-
-def _load(model: Path, dtype: str):
-    from evopress.adapter import ModelAdapter
-    from evopress.models import load_model, read_manifest
-
-    read_manifest(model)
-    net, _ = load_model(str(model), dtype=dtype)
-    return ModelAdapter(net)
 
 
 MODEL = typer.Option(Path("data/model"), help="prepared model folder")
@@ -96,47 +61,41 @@ def search_cmd(
     ),
 ) -> None:
     """Search a profile at the target budget; re-running with the same --out resumes."""
-    from evopress.data import load_tokens
-    from evopress.methods import get_baseline, make_compressor
-    from evopress.profile import make_profile, model_sha256, save_profile
-    from evopress.search import FitnessContext, SearchConfig, run_search
+    from evopress.stages import search
 
-    options = parse_options(option)
     config = SearchConfig(
         generations=generations,
         offspring=offspring,
-        survivors=parse_ints(survivors, "--survivors"),
-        tokens=parse_ints(tokens, "--tokens"),
+        survivors=parse_int_list(survivors, "--survivors"),
+        tokens=parse_int_list(tokens, "--tokens"),
         seed=seed,
-        init=init or ("random" if method == "depth" else "uniform"),
+        init=init or "",
         initially_generated=initially_generated,
         initial_tokens=initial_tokens,
         seed_baselines=tuple(n.strip() for n in seed_baselines.split(",") if n.strip()),
         prefix_reuse=prefix_reuse,
+    ).validate("search")
+    compute = ComputeConfig(dtype=dtype, batch_size=batch_size, topk=topk).validate("compute")
+    options = parse_option_pairs(option)
+    summary = search(
+        method,
+        model,
+        data,
+        db,
+        out,
+        target,
+        options,
+        config,
+        compute,
+        on_generation=progress_line(generations),
     )
-    for name in config.seed_baselines:
-        get_baseline(method, name)  # an unknown name fails before the model loads
-    calibration = load_tokens(data, "calibration")
-    config.validate(calibration.numel())
-    adapter = _load(model, dtype)
-    comp = make_compressor(method, adapter, target, db=db, options=options)
-    ctx = FitnessContext.build(adapter, calibration, topk=topk or None, batch_size=batch_size)
-    params = {"method": method, "target": target, "options": options, "out": str(out), **config.__dict__}
-
-    def seeds() -> dict:  # on the dense model; the search then applies every unit of its first candidate
-        return {
-            n: get_baseline(method, n)(comp, ctx, seed=seed, tokens=initial_tokens)
-            for n in config.seed_baselines
-        }
-
-    result = run_search(comp, ctx, config, out, on_generation=build_on_generation(params), seeds=seeds)
-    if result.initial_source != "uniform":
-        typer.echo(f"search started from: {result.initial_source} (initial KL {result.initial_fitness})")
-    profile = make_profile(
-        comp, result.profile, target=target, source="search", fitness=result.fitness, sha=model_sha256(model)
+    if summary["initial_source"] != "uniform":
+        typer.echo(
+            f"search started from: {summary['initial_source']} (initial KL {summary['initial_fitness']})"
+        )
+    typer.echo(
+        f"profile -> {out / 'profile.json'} (fitness KL {summary['fitness']}, budget {summary['budget']})"
     )
-    save_profile(out / "profile.json", profile)
-    typer.echo(f"profile -> {out / 'profile.json'} (fitness KL {result.fitness}, budget {profile['budget']})")
 
 
 @app.command("baseline")
@@ -158,26 +117,11 @@ def baseline_cmd(
     out: Path = typer.Option(Path("runs/baseline"), help="folder for profile.json"),
 ) -> None:
     """Make a baseline profile at the target budget, in the same format as a searched one."""
-    from evopress.data import load_tokens
-    from evopress.methods import get_baseline, make_compressor
-    from evopress.profile import make_profile, model_sha256, save_profile
-    from evopress.search import FitnessContext
+    from evopress.stages import baseline
 
-    options = parse_options(option)
-    baseline = get_baseline(method, name)
-    calibration = load_tokens(data, "calibration")
-    require(
-        1 <= tokens <= calibration.numel(),
-        f"--tokens {tokens} is outside 1..{calibration.numel()} (the calibration set's size)",
-    )
-    adapter = _load(model, dtype)
-    comp = make_compressor(method, adapter, target, db=db, options=options)
-    # Only the rows the baseline scores need a dense reference.
-    rows = calibration[: math.ceil(tokens / calibration.shape[1])]
-    ctx = FitnessContext.build(adapter, rows, topk=topk or None, batch_size=batch_size)
-    units = baseline(comp, ctx, seed=seed, tokens=tokens)
-    profile = make_profile(comp, units, target=target, source=f"baseline:{name}", sha=model_sha256(model))
-    save_profile(out / "profile.json", profile)
+    compute = ComputeConfig(dtype=dtype, batch_size=batch_size, topk=topk).validate("compute")
+    options = parse_option_pairs(option)
+    profile = baseline(method, name, model, data, db, out, target, options, compute, seed=seed, tokens=tokens)
     typer.echo(f"profile -> {out / 'profile.json'} ({name}, budget {profile['budget']})")
 
 
@@ -189,36 +133,24 @@ def evaluate_cmd(
     profile: Path = typer.Option(None, help="profile json; without it the dense model is evaluated"),
     db: Path = DB,
     kl: bool = typer.Option(True, help="also report held-out KL against the dense model"),
+    topk: int = typer.Option(512, help="dense top-K kept for the KL (0 = full vocabulary)"),
     batch_size: int = typer.Option(8, help="sequences per forward"),
     dtype: str = DTYPE,
     out: Path = typer.Option(Path("runs/metrics.json"), help="metrics json to write"),
 ) -> None:
     """Held-out perplexity (and KL to dense) of the dense model or of a profile applied to it."""
-    from evopress.data import load_tokens
-    from evopress.evaluate import evaluate_live, evaluate_profile
-    from evopress.fitness import DenseReference
+    from evopress.evaluate import Candidate, evaluate_candidates
     from evopress.io import atomic_write_json
-    from evopress.methods import make_compressor
-    from evopress.profile import load_profile, model_sha256, read_profile
 
-    heldout = load_tokens(data, "heldout")
-    sha = model_sha256(model)
-    spec = read_profile(profile) if profile else None
-    if spec:
-        method = method or spec["method"]
-        made_for = spec["model_sha256"]
-        if made_for and sha and made_for != sha:
-            raise UserError(f"profile {str(profile)!r} was made for model {made_for[:12]}, not {sha[:12]}")
-    adapter = _load(model, dtype)
-    ref = DenseReference.build(adapter, heldout, batch_size=batch_size) if kl and spec else None
-    metrics = {"method": method or "dense", "model_sha256": sha, "dtype": dtype}
-    if spec:
-        comp = make_compressor(method, adapter, spec["target"], db=db, options=spec["options"])
-        units = load_profile(profile, comp)["units"]
-        metrics.update(profile=str(profile), source=spec["source"], target=spec["target"])
-        metrics.update(evaluate_profile(adapter, comp, units, heldout, ref, batch_size))
-    else:
-        metrics.update(evaluate_live(adapter, heldout, None, batch_size))
+    compute = ComputeConfig(dtype=dtype, batch_size=batch_size, topk=topk).validate("compute")
+    candidate = Candidate("profile", method, profile, db) if profile else Candidate("dense")
+    (row,) = evaluate_candidates(
+        model, data, [candidate], compute, ("heldout",), kl, log=lambda _line: None
+    ).values()
+    metrics = {**row, "perplexity": row["heldout_perplexity"], "heldout_tokens": row["heldout_tokens"]}
+    metrics.update({"kl": row["heldout_kl"]} if "heldout_kl" in row else {})
+    metrics.update({"profile": str(profile)} if profile else {})
+    metrics["dtype"] = row["compute"]["dtype"]
     atomic_write_json(out, metrics)
     typer.echo(
         f"perplexity {metrics['perplexity']:.3f}" + (f", KL {metrics['kl']:.4f}" if "kl" in metrics else "")

@@ -7,36 +7,13 @@
 
 from __future__ import annotations
 
-import importlib
-import json
 import time
 from pathlib import Path
 
 import typer
 
-from evopress.cli import app
-from evopress.errors import require
-from evopress.methods import METHODS, check_method, needs_database
-
-
-def parse_options(pairs: list[str]) -> dict:
-    """['key=value', ...] -> {key: value}; values are read as json when they parse (numbers, true), else text."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        require(sep == "=" and key.strip(), f"bad --option {pair!r}; expected key=value")
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value
-    return options
-
-
-def method_module(method: str, function: str):
-    check_method(method)
-    module = importlib.import_module(METHODS[method][0])
-    require(hasattr(module, function), f"method {method!r} has no {function} (nothing to do for it)")
-    return getattr(module, function)
+from evopress.cli_app import app
+from evopress.config import parse_option_pairs
 
 
 @app.command("build-db")
@@ -48,14 +25,19 @@ def build_db_cmd(
     option: list[str] = typer.Option([], help="method option key=value (repeatable), e.g. target=0.5"),
 ) -> None:
     """Build (or resume, or repair) a method's level database: one file per (unit, level) + manifest."""
-    check_method(method)
-    require(needs_database(method), f"method {method!r} needs no level database")
-    from evopress.models import read_manifest
+    from evopress.errors import require
+    from evopress.methods import needs_database
+    from evopress.stages import build_db
 
-    read_manifest(model)
-    build = method_module(method, "build_database")
+    require(needs_database(method), f"method {method!r} needs no level database")
+    settings = parse_option_pairs(option)
+    target = settings.pop("target", None)
+    require(
+        method != "sparsity" or target is not None,
+        "build-db --method sparsity needs --option target=<sparsity in (0, 1)>",
+    )
     start = time.perf_counter()
-    db = build(model, data, out, parse_options(option))
+    db = build_db(method, model, data, out, 3.0 if target is None else target, settings)
     typer.echo(
         f"database {out}: {len(db.pairs())} files, {db.size_on_disk() / 1e6:.1f} MB, "
         f"complete={db.manifest['complete']}, {time.perf_counter() - start:.1f} s"
@@ -71,7 +53,7 @@ def stitch_cmd(
     out: Path = typer.Option(..., help="folder to write the compressed model into"),
 ) -> None:
     """Profile + database -> a compressed model folder (safetensors) that evopress and transformers load."""
-    from evopress.stitch import stitch
+    from evopress.stages import stitch
 
     report = stitch(method, model, profile, db, out)
     summary = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items())

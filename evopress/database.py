@@ -286,6 +286,14 @@ class LevelDatabase:
         if old is not None:
             self._cached -= sum(t.numel() * t.element_size() for t in old.values())
 
+    def content_sha256(self) -> str:
+        """One hash of the database's content: every file's recorded sha256, in a fixed order (no re-hashing)."""
+        import hashlib
+
+        files = self.manifest["files"]
+        lines = [f"{key} {files[key]['sha256']}" for key in sorted(files)]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
     def size_on_disk(self) -> int:
         return sum(e["size"] for e in self.manifest["files"].values())
 

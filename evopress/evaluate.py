@@ -1,10 +1,22 @@
-"""Held-out evaluation: perplexity (and KL against the dense model) of the dense model or of any profile."""
+"""Held-out evaluation: perplexity (and KL against the dense model) of the dense model and of any profile.
+
+`evaluate_candidates` is the one evaluation the evaluate stage and the `evaluate` command both run: the dense
+model, then each profile applied to a fresh copy of the dense model (database methods overwrite weights), with
+the dense reference computed once per token set. Size comes from the profile's compressor (`size_share`), the
+same rule for every method.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from evopress.adapter import ModelAdapter
+from evopress.config import ComputeConfig
+from evopress.errors import UserError
 from evopress.fitness import DenseReference, perplexity, perplexity_and_kl
 
 
@@ -29,3 +41,94 @@ def evaluate_profile(
     """Apply every unit of `units` to the live model, then evaluate it (the model keeps the profile)."""
     compressor.apply_profile(units)
     return evaluate_live(adapter, heldout, ref, batch_size)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What to evaluate: the dense model (no profile), or a profile file of a method (+ its stitched folder)."""
+
+    label: str  # dense | evopress | a baseline's name | any
+    method: str | None = None
+    profile: Path | None = None
+    db: Path | None = None
+    stitched: Path | None = None  # the deliverable: loaded and measured too when given
+
+
+def _measure(adapter, sets: dict, refs: dict, batch_size: int) -> dict:
+    out = {}
+    for name, tokens in sets.items():
+        m = evaluate_live(adapter, tokens, refs.get(name), batch_size)
+        out[f"{name}_perplexity"] = m["perplexity"]
+        out[f"{name}_tokens"] = m["heldout_tokens"]
+        if "kl" in m:
+            out[f"{name}_kl"] = m["kl"]
+    return out
+
+
+def _profile_row(c: Candidate, load, sets: dict, refs: dict, compute: ComputeConfig, sha: str | None) -> dict:
+    from evopress.methods import database_of, database_sha256, make_compressor
+    from evopress.profile import load_profile, read_profile
+
+    spec = read_profile(c.profile)
+    method = c.method or spec["method"]
+    made_for = spec["model_sha256"]
+    if made_for and sha and made_for != sha:
+        raise UserError(f"profile {str(c.profile)!r} was made for model {made_for[:12]}, not {sha[:12]}")
+    adapter = load()  # a fresh dense model: profiles of database methods overwrite weights
+    comp = make_compressor(
+        method, adapter, spec["target"], db=database_of(method, c.db), options=spec["options"]
+    )
+    units = load_profile(c.profile, comp)["units"]
+    row = {"method": method, "profile": c.label, "source": spec["source"], "target": spec["target"]}
+    row.update(budget=spec["budget"], size=comp.size_share(units))  # size before applying: dropped modules go
+    comp.apply_profile(units)
+    row.update(_measure(adapter, sets, refs, compute.batch_size))
+    row["database_sha256"] = database_sha256(method, c.db)
+    if c.stitched is not None and Path(c.stitched).is_dir():
+        # The deliverable itself, loaded from its folder: must match the live profile's perplexity.
+        first = next(iter(sets))
+        stitched = load(c.stitched)
+        row["stitched_perplexity"] = evaluate_live(stitched, sets[first], None, compute.batch_size)[
+            "perplexity"
+        ]
+    return row
+
+
+def evaluate_candidates(
+    model_dir: Path,
+    text_dir: Path,
+    candidates: list[Candidate],
+    compute: ComputeConfig,
+    sets: tuple[str, ...] = ("heldout",),
+    kl: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict]:
+    """label -> metrics row ({set}_perplexity, {set}_kl, size, target, ...) of every candidate."""
+    from evopress.data import load_tokens
+    from evopress.device import describe
+    from evopress.models import load_adapter
+    from evopress.profile import model_sha256
+
+    compute = compute.validate()
+    tokens = {name: load_tokens(text_dir, name) for name in sets}
+    sha = model_sha256(model_dir)
+
+    def load(folder: Path | None = None) -> ModelAdapter:
+        return load_adapter(Path(folder or model_dir), compute.dtype)
+
+    dense = load()
+    refs = {}
+    if kl and any(c.profile is not None for c in candidates):
+        topk = compute.topk or None
+        refs = {n: DenseReference.build(dense, t, topk, compute.batch_size) for n, t in tokens.items()}
+    facts = {"model_sha256": sha, "compute": describe(compute.dtype)}
+    rows = {}
+    for c in candidates:
+        if c.profile is None:
+            row = {"method": "dense", "profile": c.label, "budget": 0.0, "size": 1.0}
+            row.update(_measure(dense, tokens, {}, compute.batch_size))
+        else:
+            row = _profile_row(c, load, tokens, refs, compute, sha)
+        rows[c.label if c.profile is None else f"{row['method']}/{c.label}"] = {**row, **facts}
+        log(f"{c.label}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+    return rows

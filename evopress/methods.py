@@ -43,6 +43,20 @@ def make_compressor(
     return module.make(adapter, target, db=db, options=options or {})
 
 
+def check_settings(method: str, target: float, options: dict, database: dict) -> None:
+    """The method's own rules on its target, options and database settings (no model needed)."""
+    check_method(method)
+    importlib.import_module(METHODS[method][0]).check_settings(target, options, database)
+
+
+def method_function(method: str, function: str):
+    """A method module's function (`build_database`, `stitch`), or a one-line error when it has none."""
+    check_method(method)
+    module = importlib.import_module(METHODS[method][0])
+    require(hasattr(module, function), f"method {method!r} has no {function} (nothing to do for it)")
+    return getattr(module, function)
+
+
 def baselines(method: str) -> dict:
     check_method(method)
     return importlib.import_module(METHODS[method][1]).BASELINES
@@ -52,3 +66,16 @@ def get_baseline(method: str, name: str):
     table = baselines(method)
     require(name in table, f"unknown baseline {name!r} for method {method!r}; allowed: {', '.join(table)}")
     return table[name]
+
+
+def database_of(method: str, db: Path | None) -> Path | None:
+    """The database folder a method reads (None for methods without one)."""
+    return Path(db) if needs_database(method) and db is not None else None
+
+
+def database_sha256(method: str, db: Path | None) -> str | None:
+    """Content hash of a method's level database (None without one): recorded by search, stitch, evaluate."""
+    from evopress.database import LevelDatabase
+
+    db = database_of(method, db)
+    return LevelDatabase.open(db).content_sha256() if db is not None else None

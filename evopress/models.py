@@ -187,3 +187,12 @@ def _remove_tree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path)
+
+
+def load_adapter(model_dir: Path, dtype: str):
+    """A prepared model folder (checked) loaded in `dtype`, wrapped for block-by-block work."""
+    from evopress.adapter import ModelAdapter
+
+    read_manifest(model_dir)
+    model, _ = load_model(str(model_dir), dtype=dtype)
+    return ModelAdapter(model)

@@ -7,9 +7,12 @@ cost of a profile never changes: the search stays exactly on the budget without 
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
-from evopress.compressors.base import Compressor, Profile
 from evopress.errors import UserError
+
+if TYPE_CHECKING:  # base.Compressor.random_profile calls level_switch: no runtime import back
+    from evopress.compressors.base import Compressor, Profile
 
 
 def _can_raise(comp: Compressor, unit: str, level: int) -> bool:

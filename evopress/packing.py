@@ -16,24 +16,49 @@ every 32 bits at 3, 5 and 6 bits, and needs a package this project does not inst
                                                "linears": {name: {"bits", "shape": [rows, cols]}}}
 
 A weight is (code - zero) * scale in float32, group g covering columns g*group_size .. (g+1)*group_size - 1
-(`evopress.gptq.dequantize`), then cast to the model's dtype: the same numbers the level database gives.
+(`evopress.compressors.quantization.gptq.dequantize`), then cast to the model's dtype: the same numbers the level database gives.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from evopress.errors import require
-from evopress.gptq import Quantized, dequantize
 
 FORMAT = "evopress-packed"
 VERSION = 1
 QUANT_FILE = "quantized.safetensors"
 DENSE_FILE = "dense.safetensors"
 CONFIG_FILE = "quantization.json"
+
+
+@dataclass
+class Quantized:
+    """One linear at one bit-width: integer codes [rows, cols] (uint8), scales and zero points [rows, groups]."""
+
+    bits: int
+    codes: torch.Tensor  # uint8, values 0..2^bits-1
+    scale: torch.Tensor  # float16
+    zero: torch.Tensor  # uint8, values 0..2^bits-1
+
+    @property
+    def group_size(self) -> int:
+        return self.codes.shape[1] // self.scale.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """float32 weights (q - z) * s, the group's scale and zero repeated over its columns (the one formula used)."""
+    group = codes.shape[-1] // scale.shape[-1]
+    s = scale.float().repeat_interleave(group, dim=-1)
+    z = zero.float().repeat_interleave(group, dim=-1)
+    return (codes.float() - z) * s
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:

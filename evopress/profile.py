@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from evopress.errors import UserError, require
-from evopress.io import atomic_write_json
+from evopress.io import atomic_write_json, atomic_write_text
 
 KEYS = ("method", "target", "options", "source", "budget", "fitness", "model_sha256", "units")
 
@@ -78,3 +78,14 @@ def load_profile(path: Path, compressor) -> dict:
     profile["units"] = {u: int(v) for u, v in profile["units"].items()}
     validate_units(profile["units"], compressor)
     return profile
+
+
+def write_layers_csv(profile_path: Path, out: Path) -> None:
+    """unit, block, kind, level of a profile: the per-layer plot DVC and MLflow show."""
+    units = json.loads(Path(profile_path).read_text())["units"]
+    rows = ["unit,block,kind,level"]
+    for unit, level in units.items():
+        parts = unit.split(".")
+        block = next((p for p in parts if p.isdigit()), "")
+        rows.append(f"{unit},{block},{parts[-1]},{level}")
+    atomic_write_text(out, "\n".join(rows) + "\n")

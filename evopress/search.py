@@ -19,7 +19,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import random
 import sys
 import time
@@ -27,123 +26,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from evopress.adapter import ModelAdapter
 from evopress.compressors.base import Compressor, Profile
+from evopress.config import INITS, SearchConfig
 from evopress.errors import UserError, require
-from evopress.fitness import DenseReference, kl_of_hidden, mean_kl
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.mutation import mutate
+from evopress.scoring import FitnessContext, LiveModel, score_pool, select
 
-INITS = ("uniform", "random")
 CHECKPOINT = "checkpoint.json"
 HISTORY = "history.csv"
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    generations: int = 50
-    offspring: int = 16
-    survivors: tuple[int, ...] = (4, 1)
-    tokens: tuple[int, ...] = (1024, 8192)
-    seed: int = 0
-    init: str = "uniform"  # uniform: compressor.initial_profile(); random: best of `initially_generated`
-    initially_generated: int = 16
-    initial_tokens: int = 2048
-    # Baseline profiles that compete with the initial candidates (scored on `initial_tokens`); the search then
-    # starts from whichever is fittest. Cheap heuristics give a short search a far better start than random.
-    seed_baselines: tuple[str, ...] = ()
-    max_mutation_steps: int = 3
-    prefix_reuse: bool = True
-
-    def validate(self, calibration_tokens: int) -> None:
-        require(self.generations >= 0, f"generations={self.generations} must be >= 0")
-        require(self.offspring >= 1, f"offspring={self.offspring} must be >= 1")
-        require(
-            len(self.survivors) == len(self.tokens) and len(self.tokens) >= 1,
-            f"survivors {list(self.survivors)} and tokens {list(self.tokens)} need one entry per selection step",
-        )
-        require(
-            all(s >= 1 for s in self.survivors)
-            and list(self.survivors) == sorted(self.survivors, reverse=True),
-            f"survivors {list(self.survivors)} must be >= 1 and non-increasing",
-        )
-        require(
-            self.survivors[0] <= self.offspring,
-            f"survivors {self.survivors[0]} exceed offspring {self.offspring}; allowed: survivors <= offspring",
-        )
-        for t in (*self.tokens, self.initial_tokens):
-            require(
-                1 <= t <= calibration_tokens,
-                f"token count {t} is outside 1..{calibration_tokens} (the calibration set's size)",
-            )
-        require(self.init in INITS, f"unknown init {self.init!r}; allowed: {', '.join(INITS)}")
-        require(self.initially_generated >= 1, f"initially_generated={self.initially_generated} must be >= 1")
-        require(self.max_mutation_steps >= 1, f"max_mutation_steps={self.max_mutation_steps} must be >= 1")
-
-    def fingerprint(self) -> dict:
-        """Settings a resumed run must share (the generation count may grow)."""
-        d = asdict(self)
-        d.pop("generations")
-        d.pop("prefix_reuse")  # results are identical with or without it
-        if not d["seed_baselines"]:
-            d.pop("seed_baselines")  # checkpoints written before the field existed stay resumable
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-@dataclass
-class FitnessContext:
-    """Calibration tokens, the dense reference on them, and KL of the live model on a subset of rows."""
-
-    adapter: ModelAdapter
-    tokens: torch.Tensor  # [n, seq_len]
-    ref: DenseReference
-    batch_size: int = 8
-
-    @classmethod
-    def build(cls, adapter, tokens, topk: int | None = 512, batch_size: int = 8) -> FitnessContext:
-        """Call with the model dense: the reference is the current model's distribution."""
-        return cls(adapter, tokens, DenseReference.build(adapter, tokens, topk, batch_size), batch_size)
-
-    @property
-    def seq_len(self) -> int:
-        return self.tokens.shape[1]
-
-    @property
-    def total_tokens(self) -> int:
-        return self.tokens.numel()
-
-    def sample(self, rng: random.Random, n_tokens: int) -> torch.Tensor:
-        """Distinct random rows holding at least `n_tokens` tokens (whole sequences)."""
-        n_rows = min(len(self.tokens), math.ceil(n_tokens / self.seq_len))
-        return torch.tensor(sorted(rng.sample(range(len(self.tokens)), n_rows)))
-
-    def kl(self, rows: torch.Tensor) -> float:
-        return mean_kl(self.adapter, self.tokens, self.ref, rows, self.batch_size)
-
-    @torch.no_grad()
-    def prefix(self, rows: torch.Tensor) -> list:
-        """Per batch: (rows, block kwargs, hidden states entering block 0..n) of the live model."""
-        out = []
-        for batch in rows.split(self.batch_size):
-            hidden, kwargs = self.adapter.block_inputs(self.tokens[batch])
-            bounds = [hidden]
-            for i in range(self.adapter.num_blocks):
-                bounds.append(self.adapter.run_blocks(bounds[-1], kwargs, i, i + 1))
-            out.append((batch, kwargs, bounds))
-        return out
-
-    @torch.no_grad()
-    def kl_from(self, prefix: list, start: int) -> float:
-        """KL of the live model when blocks before `start` equal those the prefix was computed with."""
-        total = torch.zeros((), dtype=torch.float64)
-        count = 0
-        for batch, kwargs, bounds in prefix:
-            hidden = self.adapter.run_blocks(bounds[start], kwargs, start)
-            total += kl_of_hidden(self.adapter, hidden, self.ref.rows(batch))
-            count += len(batch) * self.seq_len
-        return float(total / count)
 
 
 @dataclass
@@ -182,44 +73,6 @@ def make_offspring(comp: Compressor, parent: Profile, n: int, rng: random.Random
             if len(children) == n:
                 break
     return children
-
-
-class _LiveModel:
-    """Tracks which profile the live model holds, so moving to another applies only the differing units."""
-
-    def __init__(self, comp: Compressor):
-        self.comp, self.current = comp, None
-
-    def set(self, profile: Profile) -> None:
-        self.current = self.comp.apply_profile(profile, self.current)
-
-
-def first_changed_block(comp: Compressor, a: Profile, b: Profile, num_blocks: int) -> int:
-    changed = [comp.block_of(u) for u in a if a[u] != b[u]]
-    return min(changed) if changed else num_blocks
-
-
-def score_all(ctx, live: _LiveModel, pool: list, rows, parent: Profile | None) -> list[float]:
-    """KL of every profile in `pool` on `rows`; with `parent`, children start at the parent's prefix."""
-    if parent is None:
-        scores = []
-        for p in pool:
-            live.set(p)
-            scores.append(ctx.kl(rows))
-        return scores
-    live.set(parent)
-    prefix = ctx.prefix(rows)
-    scores = []
-    for p in pool:
-        live.set(p)
-        start = first_changed_block(live.comp, parent, p, ctx.adapter.num_blocks)
-        scores.append(ctx.kl_from(prefix, start))
-    return scores
-
-
-def select(pool: list, scores: list[float], keep: int) -> list[int]:
-    """Indices of the `keep` lowest scores; ties go to the earlier entry (children come before the parent)."""
-    return sorted(range(len(pool)), key=lambda i: (scores[i], i))[:keep]
 
 
 # --- checkpoint ----------------------------------------------------------------------------------------------
@@ -280,7 +133,7 @@ def initial_parent(comp, ctx, live, config, rng, seeds: dict) -> tuple[Profile, 
         pool.append(dict(seeds[name]))
         names.append(name)
     rows = ctx.sample(rng, config.initial_tokens)
-    scores = score_all(ctx, live, pool, rows, None)
+    scores = score_pool(ctx, live, pool, rows, None)
     best = select(pool, scores, 1)[0]
     return pool[best], scores[best], names[best]
 
@@ -306,9 +159,10 @@ def run_search(
     `seeds` maps each name in `config.seed_baselines` to its profile, or is a function making that map (called
     only when a fresh search starts, so a resumed one skips computing the baselines).
     """
-    config.validate(ctx.total_tokens)
+    config = config.for_method(comp.method).validate(calibration_tokens=ctx.total_tokens)
+    require(config.init in INITS, f"search.init {config.init!r}; allowed: {', '.join(INITS)}")
     out_dir = Path(out_dir) if out_dir is not None else None
-    live = _LiveModel(comp)
+    live = LiveModel(comp)
     state = _load_checkpoint(out_dir, config, comp) if out_dir else None
     if state is None:
         rng = random.Random(config.seed)
@@ -349,7 +203,7 @@ def run_search(
                 if last:
                     pool = pool + [parent]
                 reuse = parent if (step == 0 and config.prefix_reuse) else None
-                scores = score_all(ctx, live, pool, rows, reuse)
+                scores = score_pool(ctx, live, pool, rows, reuse)
                 tokens += len(pool) * len(rows) * ctx.seq_len
                 chosen = select(pool, scores, 1 if last else keep)
                 pool, best_score = [pool[i] for i in chosen], scores[chosen[0]]

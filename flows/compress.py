@@ -75,10 +75,10 @@ def workspace_lock(project: Path, wait: float = 0.0):
 
 
 def results_table(project: Path) -> tuple[list[dict], str]:
-    from evopress.cli_pipeline import METRICS
+    from evopress.layout import Layout
     from evopress.report import load_metrics, markdown, table_rows
 
-    rows = table_rows(load_metrics(project / METRICS))
+    rows = table_rows(load_metrics(Layout(project).metrics))
     return rows, markdown(rows)
 
 

@@ -10,7 +10,7 @@ from evopress.adapter import ModelAdapter
 from evopress.baselines.depth import BASELINES
 from evopress.compressors.depth import make, stitch
 from evopress.errors import UserError
-from evopress.search import FitnessContext
+from evopress.scoring import FitnessContext
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -58,7 +58,13 @@ def params_tree() -> dict:
     }
     return {
         "model": {"source": "test:tiny", "dtype": "float32"},
-        "data": {"source": "builtin:pydoc", "seq_len": 32, "n_calibration": 8, "n_heldout": 4, "field": "text"},
+        "data": {
+            "source": "builtin:pydoc",
+            "seq_len": 32,
+            "n_calibration": 8,
+            "n_heldout": 4,
+            "field": "text",
+        },
         "compute": {"dtype": "float32", "batch_size": 4, "topk": 16},
         "methods": methods,
         "evaluate": {"sets": ["heldout"], "kl": True},

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evopress.compressors.quantization.gptq import check_group_size, dequantize, gptq, rtn
+from evopress.compressors.sparsity.sparsegpt import reconstruction_error
 from evopress.errors import UserError
-from evopress.gptq import check_group_size, dequantize, gptq, rtn
+from evopress.hessians import HessianAccumulator
 from evopress.packing import pack_bits, pack_linear, unpack_bits, unpack_linear
-from evopress.sparsegpt import HessianAccumulator, reconstruction_error
 
 
 def _layer(seed=0, rows=48, cols=128):

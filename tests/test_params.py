@@ -62,6 +62,74 @@ def test_bad_params_are_one_line_errors(path, value, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+# Every rule a stage applies later, rejected by check-params already (one case per rule).
+RULES = [
+    ("methods.depth.search.generations", -1, "methods.depth.search.generations must be >= 0"),
+    ("methods.depth.search.offspring", 0, "methods.depth.search.offspring must be >= 1"),
+    ("methods.depth.search.survivors", [1, 2], "must be >= 1 and non-increasing"),
+    ("methods.depth.search.survivors", [5, 1], "exceed offspring 4"),
+    ("methods.depth.search.tokens", [0, 512], "methods.depth.search.tokens must be >= 1"),
+    ("methods.depth.search.tokens", [128, 4096], "tokens 4096 exceeds the calibration set's 2048 tokens"),
+    ("methods.depth.search.initial_tokens", 4096, "initial_tokens 4096 exceeds the calibration set's"),
+    ("methods.depth.search.init", "best", "methods.depth.search.init 'best'; allowed: uniform, random"),
+    ("methods.depth.search.initially_generated", 0, "initially_generated must be >= 1"),
+    ("methods.depth.search.max_mutation_steps", 0, "max_mutation_steps must be >= 1"),
+    ("methods.depth.search.seed_baselines", ["nope"], "methods.depth.search.seed_baselines: unknown 'nope'"),
+    ("methods.depth.baseline_tokens", 4096, "methods.depth.baseline_tokens 4096 is outside 1..2048"),
+    ("methods.depth.target", 2.5, "methods.depth: depth target 2.5 must be a whole number"),
+    ("methods.depth.options", {"granularity": "layer"}, "methods.depth: unknown granularity 'layer'"),
+    ("methods.depth.options", {"foo": 1}, "methods.depth: unknown depth options ['foo']"),
+    ("methods.sparsity.target", 60, "methods.sparsity: sparsity target 60.0 outside (0, 1)"),
+    ("methods.sparsity.database", {"num_levels": 100}, "methods.sparsity: num_levels=100 outside 0..64"),
+    ("methods.sparsity.database", {"inputs": "x"}, "methods.sparsity: inputs='x'; allowed: dense, uniform"),
+    ("methods.sparsity.options", {"blocksize": 0}, "methods.sparsity: blocksize=0 must be >= 1"),
+    ("methods.quantization.database", {"bits": [2, 3, 9]}, "methods.quantization: bit-width 9 outside 1..8"),
+    ("methods.quantization.database", {"bits": [2, 4]}, "must be a contiguous ascending range"),
+    ("methods.quantization.target", 7.0, "outside the database's range 2..4"),
+    ("methods.quantization.database", {"group_size": -1}, "group_size=-1 must be >= 0"),
+    ("methods.quantization.options", {"foo": 1}, "unknown quantization options ['foo']"),
+    ("compute.batch_size", 0, "compute.batch_size must be >= 1"),
+    ("compute.topk", -1, "compute.topk must be >= 0"),
+    ("model.dtype", "auto", "model.dtype 'auto'; allowed: float32"),
+    ("data.n_calibration", 0, "data.n_calibration must be >= 1"),
+    ("methods", {}, "methods: name at least one method"),
+]
+
+
+@pytest.mark.parametrize("path, value, message", RULES, ids=[f"{p}={v}" for p, v, _ in RULES])
+def test_check_params_applies_every_stage_rule(path, value, message):
+    with pytest.raises(UserError) as err:
+        P.parse(edit(smoke(), path, value))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_search_command_applies_the_same_rules_as_check_params(monkeypatch, capsys):
+    """The command line builds the same SearchConfig and validates it with the same rules (no model needed)."""
+    import sys
+
+    from evopress import cli
+
+    monkeypatch.setattr(sys, "argv", ["evopress", "search", "--target", "1", "--survivors", "1,2"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    assert "search.survivors [1, 2] must be >= 1 and non-increasing" in capsys.readouterr().err
+
+
+def test_cli_as_a_module_knows_every_command():
+    """`python -m evopress.cli` registers the commands of every command module (one shared app)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "evopress.cli", "check-params", "--params", str(REPO / "params-smoke.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
 def test_keys_dvc_tracks_must_be_written_out():
     tree = smoke()
     del tree["methods"]["depth"]["database"]

@@ -66,6 +66,8 @@ def make_project(tmp: Path) -> Path:
     for name in PROJECT_FILES:
         (proj / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, proj / name)
+    # The stages depend on the library code (dvc.yaml's code deps), as in a checkout of the project.
+    shutil.copytree(REPO / "evopress", proj / "evopress", ignore=shutil.ignore_patterns("__pycache__"))
     (proj / "params.yaml").write_text(yaml.safe_dump(smoke_params(model), sort_keys=False))
     (proj / ".gitignore").write_text("/data/\n/mlflow.db\n/mlartifacts/\n")
     sh(["git", "init", "-q"], proj)
@@ -124,6 +126,31 @@ def test_changed_search_param_reruns_only_search_and_dependents(project):
     assert {"search@depth", "evaluate"} <= ran <= {"search@depth", "stitch@depth", "evaluate", "report"}, out
 
 
+def test_changed_method_code_reruns_that_methods_stages(project):
+    """A change to the depth package makes DVC see its stages changed, and no other method's (nothing runs)."""
+    proj, _ = project
+    code = proj / "evopress/compressors/depth/__init__.py"
+    original = code.read_text()
+    code.write_text(original + "\n# a changed line\n")
+    try:
+        status = sh(["dvc", "status", "--json"], proj).stdout
+        changed = set(json.loads(status))
+    finally:
+        code.write_text(original)
+    assert {"build_db@depth", "search@depth", "baselines@depth", "stitch@depth", "evaluate"} <= changed
+    assert not {s for s in changed if "@" in s and not s.endswith("@depth")}, changed
+
+
+def test_stage_outputs_record_the_resolved_compute_and_database(project):
+    proj, _ = project
+    search = json.loads((proj / "runs/search/quantization/search.json").read_text())
+    assert search["compute"]["dtype"] == "float32" and search["compute"]["cpu"]
+    db = json.loads((proj / "data/db/quantization/manifest.json").read_text())
+    assert len(search["database_sha256"]) == 64 and len(db["code_sha256"]) == 64
+    metrics = json.loads((proj / "runs/metrics.json").read_text())
+    assert metrics["quantization/evopress"]["database_sha256"] == search["database_sha256"]
+
+
 def test_mlflow_holds_stage_runs_with_provenance(project):
     proj, _ = project
     from evopress import params as P
@@ -145,6 +172,7 @@ def test_mlflow_holds_stage_runs_with_provenance(project):
     profile_md5 = next(o["md5"] for o in lock["outs"] if o["path"].endswith("profile.json"))
     assert tags["dvc.out.runs/search/depth/profile.json"] == profile_md5
     assert search.data.params["search.generations"]
+    assert tags["compute.dtype"] == "float32" and tags["compute.device"] == "cpu"
     client = tracking.MlflowClient()
     history = client.get_metric_history(search.info.run_id, "fitness")
     assert len(history) >= 1 and [m.step for m in history] == sorted(m.step for m in history)

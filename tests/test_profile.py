@@ -182,7 +182,7 @@ def test_search_baseline_evaluate(monkeypatch, capsys, prepared, tmp_path):
     "extra, message",
     [
         (["--target", "7"], "cannot remove 7 of 6 blocks"),
-        (["--target", "-1"], "cannot remove -1 of 6 blocks"),
+        (["--target", "-1"], "depth target -1.0 must be a whole number >= 0"),
         (["--target", "2", "--offspring", "2", "--survivors", "4,1"], "exceed offspring"),
         (["--target", "2", "--tokens", "64,100000"], "calibration set"),
         (["--target", "2", "--option", "granularity=head"], "unknown granularity"),

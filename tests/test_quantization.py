@@ -13,14 +13,15 @@ from conftest import prepare_tiny_workspace
 from evopress.adapter import ModelAdapter
 from evopress.baselines import quantization as qbase
 from evopress.compressors import quantization
+from evopress.compressors.quantization.gptq import rtn
+from evopress.compressors.sparsity.sparsegpt import reconstruction_error
 from evopress.database import LevelDatabase
 from evopress.errors import UserError
-from evopress.gptq import rtn
+from evopress.hessians import collect_block_hessians
 from evopress.models import load_model, read_manifest
 from evopress.mutation import mutate
 from evopress.packing import bytes_on_disk, load_packed, read_quantized
 from evopress.search import FitnessContext, SearchConfig, run_search
-from evopress.sparsegpt import collect_block_hessians, reconstruction_error
 
 OPTS = {"bits": "2,3,4", "group_size": 32, "n_samples": 8, "batch_size": 4}
 

@@ -184,7 +184,7 @@ def test_search_finds_the_brute_force_optimum(setup8):
     [
         ({"survivors": (8, 1)}, "exceed offspring"),
         ({"tokens": (32, 10**6)}, "calibration set"),
-        ({"init": "best"}, "unknown init"),
+        ({"init": "best"}, "search.init .best.; allowed: uniform, random"),
         ({"survivors": (1, 2)}, "non-increasing"),
         ({"survivors": (2,)}, "one entry per selection step"),
     ],

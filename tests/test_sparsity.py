@@ -11,17 +11,12 @@ import torch
 from conftest import prepare_tiny_workspace
 from evopress.adapter import ModelAdapter
 from evopress.compressors import sparsity
+from evopress.compressors.sparsity.sparsegpt import magnitude_prune, prune_counts, reconstruction_error
 from evopress.database import LevelDatabase
 from evopress.errors import UserError
+from evopress.hessians import HessianAccumulator, inverse_cholesky
 from evopress.models import load_model
 from evopress.mutation import mutate
-from evopress.sparsegpt import (
-    HessianAccumulator,
-    inverse_cholesky,
-    magnitude_prune,
-    prune_counts,
-    reconstruction_error,
-)
 
 OPTS = {"num_levels": 2, "n_samples": 8, "batch_size": 4, "blocksize": 32}
 
@@ -125,7 +120,7 @@ def test_apply_swaps_weights_and_stitch_measures_budget(prepared, built, tmp_pat
     assert int((comp._linear(unit).weight == 0).sum()) == comp.cost(unit, profile[unit])
     doc = {"method": "sparsity", "target": 0.5, "options": {}, "source": "test", "units": profile}
     (tmp_path / "p.json").write_text(json.dumps(doc))
-    from evopress.stitch import stitch
+    from evopress.stages import stitch
 
     report = stitch("sparsity", prepared / "model", tmp_path / "p.json", built, tmp_path / "out")
     assert report["measured_sparsity"] == report["budget_sparsity"]
@@ -155,7 +150,7 @@ def test_database_for_other_target_or_levels_is_refused(prepared, built):
 
 
 def _ctx(prepared):
-    from evopress.search import FitnessContext
+    from evopress.scoring import FitnessContext
 
     model, _ = load_model(str(prepared / "model"))
     adapter = ModelAdapter(model)

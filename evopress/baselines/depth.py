@@ -19,7 +19,7 @@ import random
 import torch
 
 from evopress.compressors.depth import DepthCompressor
-from evopress.search import FitnessContext, score_all, select
+from evopress.scoring import FitnessContext, LiveModel, score_pool, select
 
 
 def _dense(comp: DepthCompressor) -> None:
@@ -120,13 +120,11 @@ def sleb(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: i
 def random_best(
     comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048, n: int = 16
 ) -> dict:
-    from evopress.search import _LiveModel
-
     rng = random.Random(seed)
     rows = ctx.sample(rng, tokens)
     pool = [comp.random_profile(rng) for _ in range(n)]
-    live = _LiveModel(comp)
-    scores = score_all(ctx, live, pool, rows, None)
+    live = LiveModel(comp)
+    scores = score_pool(ctx, live, pool, rows, None)
     _dense(comp)
     return pool[select(pool, scores, 1)[0]]
 

@@ -21,7 +21,8 @@ import random
 
 import torch
 
-from evopress.compressors.sparsity import SparsityCompressor, split_unit
+from evopress.compressors.linears import split_unit
+from evopress.compressors.sparsity import SparsityCompressor
 from evopress.errors import require
 
 OWL_LAMBDAS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)

@@ -60,6 +60,17 @@ class Compressor(ABC):
             profile = level_switch(self, profile, rng)
         return profile
 
+    def size_share(self, profile: Profile) -> float:
+        """Share (0..1) of the dense transformer-block weights' bits the profile keeps, counted at 16 bits.
+
+        The one size rule of the results table; each method says what its levels keep.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no size rule")
+
+    def block_params(self) -> int:
+        """Parameters of every transformer block (what the size share is a share of)."""
+        return sum(p.numel() for b in self.adapter.blocks for p in b.parameters())
+
     def total_cost(self, profile: Profile) -> float:
         return sum(self.cost(u, lvl) for u, lvl in profile.items())
 

@@ -20,31 +20,13 @@ for bit: w = (q - z) * s, computed in float32 by `dequantize`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from evopress.errors import require
-from evopress.sparsegpt import inverse_cholesky
+from evopress.hessians import inverse_cholesky
+from evopress.packing import Quantized, dequantize  # noqa: F401 (re-exported: the format GPTQ writes)
 
 FP16_TINY = torch.finfo(torch.float16).tiny
-
-
-@dataclass
-class Quantized:
-    """One linear at one bit-width: integer codes [rows, cols] (uint8), scales and zero points [rows, groups]."""
-
-    bits: int
-    codes: torch.Tensor  # uint8, values 0..2^bits-1
-    scale: torch.Tensor  # float16
-    zero: torch.Tensor  # uint8, values 0..2^bits-1
-
-    @property
-    def group_size(self) -> int:
-        return self.codes.shape[1] // self.scale.shape[1]
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize(self.codes, self.scale, self.zero)
 
 
 def check_bits(bits: int) -> int:
@@ -61,14 +43,6 @@ def check_group_size(group_size: int, cols: int) -> int:
         f"group_size={group_size} does not divide the layer width {cols}; pick a divisor (or 0 = whole row)",
     )
     return group
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """float32 weights (q - z) * s, the group's scale and zero repeated over its columns (the one formula used)."""
-    group = codes.shape[-1] // scale.shape[-1]
-    s = scale.float().repeat_interleave(group, dim=-1)
-    z = zero.float().repeat_interleave(group, dim=-1)
-    return (codes.float() - z) * s
 
 
 def grid_params(w: torch.Tensor, maxq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

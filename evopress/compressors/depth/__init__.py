@@ -51,6 +51,16 @@ def parse_target(target: float, num_blocks: int) -> int:
     return k
 
 
+def check_settings(target: float, options: dict, database: dict) -> None:
+    """What can be checked without the model: the options, and a whole, non-negative target."""
+    DepthOptions.from_dict(options)
+    require(not database, "depth has no level database; leave `database` empty")
+    require(
+        target is None or (float(target) == int(target) and target >= 0),
+        f"depth target {target} must be a whole number >= 0 (blocks, or sublayers of each kind, to remove)",
+    )
+
+
 def make(adapter: ModelAdapter, target: float, *, db=None, options: dict | None = None) -> DepthCompressor:
     opts = DepthOptions.from_dict(options)
     return DepthCompressor(adapter, parse_target(target, adapter.num_blocks), opts.granularity)
@@ -104,7 +114,22 @@ class DepthCompressor(Compressor):
             (self.adapter.drop if level == 1 else self.adapter.restore)(block, kind)
 
     def budget(self) -> float:
+        """The total cost every profile has: k removed units of each group."""
         return float(self.k * len(self.groups()))
+
+    def unit_params(self, unit: str) -> int:
+        """A removed block takes all its parameters (norms too); a removed sublayer its own module's."""
+        block = block_index(unit)
+        if self.granularity == "block":
+            module = self.adapter.blocks[block]
+        else:
+            module = self.adapter.sublayer(block, unit.rsplit(".", 1)[1])
+        return sum(p.numel() for p in module.parameters())
+
+    def size_share(self, profile: Profile) -> float:
+        """Kept share of the block parameters (call with the model dense: dropped modules leave the blocks)."""
+        removed = sum(self.unit_params(u) for u, lvl in profile.items() if lvl)
+        return 1.0 - removed / self.block_params()
 
     def profile_from_blocks(self, removed: dict[str, list[int]] | list[int]) -> Profile:
         """Profile removing the given block indices (a list: the same blocks for every group)."""

@@ -14,7 +14,6 @@ with `inputs=uniform`, from the model pruned uniformly at the target so far (Spa
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,10 +21,20 @@ import torch
 
 from evopress.adapter import ModelAdapter
 from evopress.compressors.base import Compressor, Profile
+from evopress.compressors.linears import (
+    build_by_block,
+    hidden_size,
+    linear_of,
+    linear_sizes,
+    model_sha256_of,
+    open_build,
+    open_for_stitch,
+    split_unit,
+)
+from evopress.compressors.sparsity.sparsegpt import magnitude_prune, prune_counts
 from evopress.database import DatabaseSpec, LevelDatabase
 from evopress.errors import require
-from evopress.progress import progress
-from evopress.sparsegpt import collect_block_hessians, inverse_cholesky, magnitude_prune, prune_counts
+from evopress.hessians import inverse_cholesky
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INPUTS = ("dense", "uniform")
@@ -84,6 +93,13 @@ def check_target(target: float) -> float:
     return float(target)
 
 
+def check_settings(target: float, options: dict, database: dict) -> None:
+    """What can be checked without the model: the target and the (database and search) options."""
+    if target is not None:
+        check_target(target)
+    SparsityOptions.from_dict({**database, **options})
+
+
 # --- the level grid ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LevelGrid:
@@ -110,18 +126,6 @@ def level_grid(sizes: dict[str, int], hidden: int, target: float, opts: Sparsity
     return LevelGrid(step=step, base=base, levels=levels, sizes=dict(sizes))
 
 
-def linear_sizes(adapter: ModelAdapter) -> dict[str, tuple[int, int]]:
-    return {
-        f"block.{i}.{name}": tuple(lin.weight.shape)
-        for i in range(adapter.num_blocks)
-        for name, lin in adapter.linears(i).items()
-    }
-
-
-def hidden_size(adapter: ModelAdapter) -> int:
-    return int(adapter.model.config.hidden_size)
-
-
 def database_spec(
     adapter: ModelAdapter, model_sha256: str, target: float, opts: SparsityOptions
 ) -> DatabaseSpec:
@@ -129,20 +133,6 @@ def database_spec(
     grid = level_grid({u: r * c for u, (r, c) in shapes.items()}, hidden_size(adapter), target, opts)
     units = {u: {"levels": grid.levels[u], "shapes": {"weight": list(shapes[u])}} for u in shapes}
     return DatabaseSpec(model_sha256, "sparsity", opts.build_params(target), units)
-
-
-def split_unit(unit: str) -> tuple[int, str]:
-    _, block, name = unit.split(".", 2)
-    return int(block), name
-
-
-def model_sha256_of(adapter: ModelAdapter, options: dict) -> str:
-    """The prepared model's checksum: from options, else from the manifest of the folder it was loaded from."""
-    if options.get("model_sha256"):
-        return str(options["model_sha256"])
-    from evopress.models import read_manifest
-
-    return read_manifest(Path(adapter.model.config._name_or_path))["sha256"]
 
 
 # --- the compressor ------------------------------------------------------------------------------------------
@@ -174,8 +164,7 @@ class SparsityCompressor(Compressor):
         self.opts = SparsityOptions(**{**asdict(self.opts), "weights": "magnitude"})
 
     def _linear(self, unit: str) -> torch.nn.Linear:
-        block, name = split_unit(unit)
-        return self.adapter.linear(block, name)
+        return linear_of(self.adapter, unit)
 
     def units(self) -> list[str]:
         return list(self.grid.levels)
@@ -197,6 +186,10 @@ class SparsityCompressor(Compressor):
 
     def total_params(self) -> int:
         return sum(self.grid.sizes.values())
+
+    def size_share(self, profile: Profile) -> float:
+        """Non-zero share of the block weights (sparse index overhead not counted)."""
+        return 1.0 - self.total_cost(profile) / self.block_params()
 
     def sparsity(self, profile: Profile) -> float:
         """Parameter-weighted average sparsity of the block linears under `profile`."""
@@ -236,12 +229,6 @@ def make(adapter: ModelAdapter, target: float, *, db=None, options: dict | None 
 
 
 # --- building the database -----------------------------------------------------------------------------------
-
-
-def _run_block(adapter, block, hidden, kwargs, batch_size):
-    return torch.cat([adapter.run_blocks(h, kwargs, block, block + 1) for h in hidden.split(batch_size)])
-
-
 def _prune_block(db, adapter, grid, block, hessians, opts, todo):
     storage = STORAGE_DTYPES[opts.storage]
     for name, lin in adapter.linears(block).items():
@@ -255,51 +242,27 @@ def _prune_block(db, adapter, grid, block, hessians, opts, todo):
             w = w.to(storage)
             assert int((w == 0).sum()) >= grid.pruned(unit, lvl)
             db.write(unit, lvl, {"weight": w}, flush=False)
-        db.flush()
 
 
 @torch.no_grad()
 def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict) -> LevelDatabase:
     """Prune every linear of the prepared model to every level of the grid; resumable; returns the database."""
-    from evopress.data import load_tokens
-    from evopress.models import load_model, read_manifest
-
     options = dict(options)
     require("target" in options, "build-db --method sparsity needs --option target=<sparsity in (0, 1)>")
     target = check_target(float(options.pop("target")))
     opts = SparsityOptions.from_dict(options)
-    model, _ = load_model(str(model_dir), dtype="float32")
-    adapter = ModelAdapter(model)
-    spec = database_spec(adapter, read_manifest(model_dir)["sha256"], target, opts)
-    db = LevelDatabase.create(Path(out_dir), spec)
-    todo = set(db.todo())
-    grid = level_grid(
-        {u: s["shapes"]["weight"][0] * s["shapes"]["weight"][1] for u, s in spec.units.items()},
-        hidden_size(adapter),
-        target,
-        opts,
+    adapter, db, tokens = open_build(
+        model_dir, data_dir, out_dir, lambda a, sha: database_spec(a, sha, target, opts), opts.n_samples
     )
-    started = time.perf_counter()
-    tokens = load_tokens(Path(data_dir), "calibration")[: opts.n_samples]
-    _, kwargs = adapter.block_inputs(tokens[:1])  # the same for any batch size (SDPA, no padding)
-    hidden = torch.cat([adapter.block_inputs(t)[0] for t in tokens.split(opts.batch_size)])
-    # Blocks after the last one with missing files need no forward pass: a complete database costs no compute.
-    last = max((split_unit(p[0])[0] for p in todo), default=-1)
-    for block in progress(range(last + 1), last + 1, "build-db sparsity"):
-        block_todo = {p for p in todo if split_unit(p[0])[0] == block}
-        if block_todo:
-            hessians, out = collect_block_hessians(adapter, block, hidden, kwargs, opts.batch_size)
-            _prune_block(db, adapter, grid, block, hessians, opts, block_todo)
-        if opts.inputs == "uniform":  # the next block sees this block pruned at the target (level 0)
-            for name, lin in adapter.linears(block).items():
-                lin.weight.copy_(db.load(f"block.{block}.{name}", 0)["weight"])
-        if opts.inputs == "uniform" or not block_todo:
-            out = _run_block(adapter, block, hidden, kwargs, opts.batch_size)
-        hidden = out
-    # wall time over every (resumed) run that had work to do, for the benchmark's build-time figure
-    if todo:
-        db.manifest["build_seconds"] = db.manifest.get("build_seconds", 0.0) + time.perf_counter() - started
-    db.finish()
+    shapes = {u: s["shapes"]["weight"] for u, s in db.manifest["units"].items()}
+    grid = level_grid({u: r * c for u, (r, c) in shapes.items()}, hidden_size(adapter), target, opts)
+
+    def write_block(block, hessians, todo):
+        _prune_block(db, adapter, grid, block, hessians, opts, todo)
+
+    # inputs=uniform: the next block sees this block pruned at the target (level 0)
+    upstream = (lambda unit: db.load(unit, 0)["weight"]) if opts.inputs == "uniform" else None
+    build_by_block(adapter, db, tokens, opts.batch_size, write_block, upstream, "build-db sparsity")
     return db
 
 
@@ -307,19 +270,10 @@ def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict
 @torch.no_grad()
 def stitch(model_dir: Path, profile: dict, db: Path | None, out_dir: Path) -> dict:
     """Apply a profile's levels from the database to the dense model and save a plain safetensors folder."""
-    from evopress.models import load_model, write_model_folder
+    from evopress.models import write_model_folder
 
-    model, tokenizer = load_model(str(model_dir), dtype="float32")
-    adapter = ModelAdapter(model)
-    options = {**profile.get("options", {}), "model_sha256": profile.get("model_sha256") or ""}
-    options = {k: v for k, v in options.items() if v != ""}
-    comp = make(adapter, profile["target"], db=db, options=options)
-    units = profile["units"]
-    require(
-        set(units) == set(comp.units()),
-        f"profile has {len(units)} units, the model has {len(comp.units())} linears; wrong model or method?",
-    )
-    comp.apply_profile({u: int(lvl) for u, lvl in units.items()})
+    model, tokenizer, comp, units = open_for_stitch(make, model_dir, profile, db)
+    comp.apply_profile(units)
     zeros = sum(int((comp._linear(u).weight == 0).sum()) for u in units)
     report = {
         "method": "sparsity",

@@ -13,12 +13,11 @@ groups), and a float16 scale + a zero point per 64 weights costs (16 + bits) / 6
 `build_database` runs block by block: Hessians from the block's inputs, GPTQ at every bit-width, then the block
 is put at `calib_bits` (3, the authors' choice) and run to produce the next block's inputs, so later layers
 are calibrated on a quantized upstream model. The database stores codes (uint8), float16 scales and uint8 zero
-points per (linear, bits); a level's weight is their dequantization (evopress.gptq.dequantize), exactly.
+points per (linear, bits); a level's weight is their dequantization (evopress.compressors.quantization.gptq.dequantize), exactly.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,12 +25,18 @@ import torch
 
 from evopress.adapter import ModelAdapter
 from evopress.compressors.base import Compressor, Profile
-from evopress.compressors.sparsity import linear_sizes, model_sha256_of, split_unit
+from evopress.compressors.linears import (
+    build_by_block,
+    linear_of,
+    linear_sizes,
+    model_sha256_of,
+    open_build,
+    open_for_stitch,
+    split_unit,
+)
+from evopress.compressors.quantization.gptq import Quantized, check_bits, check_group_size, dequantize, gptq
 from evopress.database import DatabaseSpec, LevelDatabase
 from evopress.errors import require
-from evopress.gptq import Quantized, check_bits, check_group_size, dequantize, gptq
-from evopress.progress import progress
-from evopress.sparsegpt import collect_block_hessians
 
 
 def parse_bits(value) -> tuple[int, ...]:
@@ -119,6 +124,13 @@ def check_target(target: float, bits: tuple[int, ...]) -> float:
     return float(target)
 
 
+def check_settings(target: float, options: dict, database: dict) -> None:
+    """What can be checked without the model: the (database and search) options and the target's range."""
+    opts = QuantOptions.from_dict({**database, **options})
+    if target is not None:
+        check_target(target, opts.bits)
+
+
 def unit_shapes(rows: int, cols: int, group_size: int) -> dict[str, list[int]]:
     groups = cols // check_group_size(group_size, cols)
     return {"codes": [rows, cols], "scale": [rows, groups], "zero": [rows, groups]}
@@ -171,8 +183,7 @@ class QuantizationCompressor(Compressor):
         return {}  # everything else is in the database's manifest
 
     def _linear(self, unit: str) -> torch.nn.Linear:
-        block, name = split_unit(unit)
-        return self.adapter.linear(block, name)
+        return linear_of(self.adapter, unit)
 
     def units(self) -> list[str]:
         return list(self.sizes)
@@ -191,6 +202,12 @@ class QuantizationCompressor(Compressor):
 
     def total_params(self) -> int:
         return sum(self.sizes.values())
+
+    def size_share(self, profile: Profile) -> float:
+        """Bits of the block weights over 16 bits each: linears at their bits, norms and the rest at 16."""
+        total = self.block_params()
+        bits = self.total_cost(profile) + 16 * (total - self.total_params())
+        return bits / (16 * total)
 
     def average_bits(self, profile: Profile) -> float:
         return self.total_cost(profile) / self.total_params()
@@ -245,47 +262,28 @@ def make(
 
 
 # --- building the database -----------------------------------------------------------------------------------
-
-
 @torch.no_grad()
 def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict) -> LevelDatabase:
     """GPTQ every linear of the prepared model at every bit-width; resumable; returns the database."""
-    from evopress.data import load_tokens
-    from evopress.models import load_model, read_manifest
-
     opts = QuantOptions.from_dict({k: v for k, v in dict(options).items() if k != "target"})
-    model, _ = load_model(str(model_dir), dtype="float32")
-    adapter = ModelAdapter(model)
-    db = LevelDatabase.create(Path(out_dir), database_spec(adapter, read_manifest(model_dir)["sha256"], opts))
-    todo = set(db.todo())
-    started = time.perf_counter()
-    tokens = load_tokens(Path(data_dir), "calibration")[: opts.n_samples]
-    _, kwargs = adapter.block_inputs(tokens[:1])
-    hidden = torch.cat([adapter.block_inputs(t)[0] for t in tokens.split(opts.batch_size)])
-    # Blocks after the last one with missing files need no forward pass: a complete database costs no compute.
-    last = max((split_unit(p[0])[0] for p in todo), default=-1)
-    for block in progress(range(last + 1), last + 1, "build-db quantization"):
-        linears = adapter.linears(block)
-        if any(p[0].startswith(f"block.{block}.") for p in todo):
-            hessians, _ = collect_block_hessians(adapter, block, hidden, kwargs, opts.batch_size)
-            for name, lin in linears.items():
-                unit = f"block.{block}.{name}"
-                bits = [b for b in opts.bits if (unit, b) in todo]
-                if not bits:
-                    continue
-                for q in gptq(lin.weight, hessians[name], bits, opts.group_size, opts.damp, opts.act_order):
-                    db.write(unit, q.bits, {"codes": q.codes, "scale": q.scale, "zero": q.zero}, flush=False)
-            db.flush()
-        # the next block is calibrated on this one quantized at calib_bits
-        for name, lin in linears.items():
-            t = db.load(f"block.{block}.{name}", opts.calib_bits)
-            lin.weight.copy_(dequantize(t["codes"], t["scale"], t["zero"]))
-        hidden = torch.cat(
-            [adapter.run_blocks(h, kwargs, block, block + 1) for h in hidden.split(opts.batch_size)]
-        )
-    if todo:
-        db.manifest["build_seconds"] = db.manifest.get("build_seconds", 0.0) + time.perf_counter() - started
-    db.finish()
+    adapter, db, tokens = open_build(
+        model_dir, data_dir, out_dir, lambda a, sha: database_spec(a, sha, opts), opts.n_samples
+    )
+
+    def write_block(block, hessians, todo):
+        for name, lin in adapter.linears(block).items():
+            unit = f"block.{block}.{name}"
+            bits = [b for b in opts.bits if (unit, b) in todo]
+            if not bits:
+                continue
+            for q in gptq(lin.weight, hessians[name], bits, opts.group_size, opts.damp, opts.act_order):
+                db.write(unit, q.bits, {"codes": q.codes, "scale": q.scale, "zero": q.zero}, flush=False)
+
+    def upstream(unit: str) -> torch.Tensor:  # the next block is calibrated on this one at calib_bits
+        t = db.load(unit, opts.calib_bits)
+        return dequantize(t["codes"], t["scale"], t["zero"])
+
+    build_by_block(adapter, db, tokens, opts.batch_size, write_block, upstream, "build-db quantization")
     return db
 
 
@@ -302,18 +300,11 @@ def linear_prefix(adapter: ModelAdapter, unit: str) -> str:
 @torch.no_grad()
 def stitch(model_dir: Path, profile: dict, db: Path | None, out_dir: Path) -> dict:
     """A profile's bit-widths from the database -> a packed model folder (evopress.packing); returns a report."""
-    from evopress.models import load_model, write_model_folder
+    from evopress.models import write_model_folder
     from evopress.packing import bytes_on_disk, write_packed
 
-    model, tokenizer = load_model(str(model_dir), dtype="float32")
-    adapter = ModelAdapter(model)
-    options = {**profile.get("options", {}), "model_sha256": profile.get("model_sha256") or ""}
-    comp = make(adapter, profile["target"], db=db, options={k: v for k, v in options.items() if v != ""})
-    units = {u: int(b) for u, b in profile["units"].items()}
-    require(
-        set(units) == set(comp.units()),
-        f"profile has {len(units)} units, the model has {len(comp.units())} linears; wrong model or method?",
-    )
+    model, tokenizer, comp, units = open_for_stitch(make, model_dir, profile, db)
+    adapter = comp.adapter
     linears = {linear_prefix(adapter, u): comp.quantized(u, b) for u, b in units.items()}
     report = {"method": "quantization", "target": comp.target, "average_bits": comp.average_bits(units)}
     stitch_json = {}  # written by write_model_folder after `write`, so it can hold the sizes

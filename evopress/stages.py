@@ -1,0 +1,185 @@
+"""One function per pipeline stage: typed settings and paths in, what it wrote out. No command-line strings.
+
+The per-stage commands (`evopress search`, `build-db`, ...) call these with their flags; the pipeline
+(`evopress stage <name>`, see pipeline.py) calls them with params.yaml's settings and the `Layout`'s paths.
+Tracking wraps them from outside: nothing here knows about MLflow, DVC or Prefect.
+
+Every function validates its settings before it touches any file, so a bad value never costs finished work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from evopress.config import ComputeConfig, SearchConfig
+from evopress.data import DataSpec
+from evopress.errors import require
+from evopress.io import atomic_write_json
+from evopress.methods import database_of, database_sha256
+from evopress.models import load_adapter
+
+
+# --- the stages ---------------------------------------------------------------------------------------------------
+def prepare_model(source: str, out: Path, dtype: str = "float32", trust_remote_code: bool = False) -> dict:
+    """Load a base model from any source and save it once as a plain safetensors folder; returns its manifest."""
+    from evopress.models import load_model, save_model
+
+    model, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    return save_model(model, tokenizer, Path(out), source)
+
+
+def prepare_data(model_dir: Path, spec: DataSpec, out: Path) -> dict:
+    """Tokenize a text source into calibration and held-out sequences; returns the data manifest."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from evopress.data import prepare_data as prepare
+    from evopress.models import read_manifest
+
+    read_manifest(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    max_context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
+    return prepare(spec, tokenizer, Path(out), max_context=max_context)
+
+
+def build_db(method: str, model_dir: Path, text_dir: Path, out: Path, target: float | None, database: dict):
+    """Build (or resume) a method's level database; a method without one gets a one-file marker.
+
+    `target` matters only where the levels depend on it (sparsity); None skips it for the others."""
+    from evopress.methods import check_settings, method_function, needs_database
+    from evopress.models import read_manifest
+
+    check_settings(method, target, {}, database)
+    out = Path(out)
+    if not needs_database(method):
+        # Every search stage depends on data/db/<method>; a method without a database gets a marker.
+        atomic_write_json(
+            out / "manifest.json", {"method": method, "database": None, "why": "no level database"}
+        )
+        return None
+    read_manifest(model_dir)
+    target_option = {} if target is None else {"target": target}
+    return method_function(method, "build_database")(model_dir, text_dir, out, {**target_option, **database})
+
+
+def search(
+    method: str,
+    model_dir: Path,
+    text_dir: Path,
+    db: Path | None,
+    out: Path,
+    target: float,
+    options: dict,
+    config: SearchConfig,
+    compute: ComputeConfig,
+    on_generation: Callable | None = None,
+) -> dict:
+    """Search a profile at the target; resumes from `out`'s checkpoint. Writes profile.json, search.json,
+    layers.csv (and history.csv, checkpoint.json every generation); returns search.json's content."""
+    import json
+
+    from evopress.data import load_tokens
+    from evopress.device import describe
+    from evopress.methods import check_settings, get_baseline, make_compressor
+    from evopress.profile import make_profile, model_sha256, save_profile, write_layers_csv
+    from evopress.scoring import FitnessContext
+    from evopress.search import run_search
+
+    out = Path(out)
+    compute = compute.validate()
+    config = config.for_method(method)
+    check_settings(method, target, options, {})
+    for name in config.seed_baselines:
+        get_baseline(method, name)  # an unknown name fails before the model loads
+    calibration = load_tokens(text_dir, "calibration")
+    config.validate("search", calibration.numel())
+    adapter = load_adapter(model_dir, compute.dtype)
+    comp = make_compressor(method, adapter, target, db=database_of(method, db), options=options)
+    ctx = FitnessContext.build(adapter, calibration, topk=compute.topk or None, batch_size=compute.batch_size)
+
+    def seeds() -> dict:  # on the dense model; the search then applies every unit of its first candidate
+        return {
+            n: get_baseline(method, n)(comp, ctx, seed=config.seed, tokens=config.initial_tokens)
+            for n in config.seed_baselines
+        }
+
+    result = run_search(comp, ctx, config, out, on_generation=on_generation, seeds=seeds)
+    profile = make_profile(
+        comp,
+        result.profile,
+        target=target,
+        source="search",
+        fitness=result.fitness,
+        sha=model_sha256(model_dir),
+    )
+    save_profile(out / "profile.json", profile)
+    state = json.loads((out / "checkpoint.json").read_text())
+    summary = {
+        "fitness": profile["fitness"],
+        "initial_fitness": state.get("initial_fitness"),
+        "initial_source": state.get("initial_source"),
+        "generations": state["generation"],
+        "seconds": round(state["elapsed"], 2),
+        "tokens": state["tokens"],
+        "budget": profile["budget"],
+        "database_sha256": database_sha256(method, db),
+        "compute": describe(compute.dtype),
+    }
+    atomic_write_json(out / "search.json", summary)
+    write_layers_csv(out / "profile.json", out / "layers.csv")
+    return summary
+
+
+def baseline(
+    method: str,
+    name: str,
+    model_dir: Path,
+    text_dir: Path,
+    db: Path | None,
+    out: Path,
+    target: float,
+    options: dict,
+    compute: ComputeConfig,
+    seed: int = 0,
+    tokens: int = 2048,
+) -> dict:
+    """A baseline's profile at the target, in the same format as a searched one; returns the profile file."""
+    from evopress.data import load_tokens
+    from evopress.methods import check_settings, get_baseline, make_compressor
+    from evopress.profile import make_profile, model_sha256, save_profile
+    from evopress.scoring import FitnessContext
+
+    compute = compute.validate()
+    check_settings(method, target, options, {})
+    make_baseline = get_baseline(method, name)
+    calibration = load_tokens(text_dir, "calibration")
+    require(
+        1 <= tokens <= calibration.numel(),
+        f"baseline tokens {tokens} is outside 1..{calibration.numel()} (the calibration set's size)",
+    )
+    adapter = load_adapter(model_dir, compute.dtype)
+    comp = make_compressor(method, adapter, target, db=database_of(method, db), options=options)
+    # Only the rows the baseline scores need a dense reference.
+    rows = calibration[: math.ceil(tokens / calibration.shape[1])]
+    ctx = FitnessContext.build(adapter, rows, topk=compute.topk or None, batch_size=compute.batch_size)
+    units = make_baseline(comp, ctx, seed=seed, tokens=tokens)
+    profile = make_profile(comp, units, target=target, source=f"baseline:{name}", sha=model_sha256(model_dir))
+    save_profile(Path(out) / "profile.json", profile)
+    return profile
+
+
+def stitch(method: str, model_dir: Path, profile_path: Path, db: Path | None, out: Path) -> dict:
+    """Profile file + database -> a compressed model folder; returns the stitch report."""
+    from evopress.methods import method_function, needs_database
+    from evopress.profile import read_profile
+
+    profile = read_profile(profile_path, keys=("method", "target", "units"))
+    require(
+        profile["method"] == method,
+        f"profile {str(profile_path)!r} is for method {profile['method']!r}, not {method!r}",
+    )
+    if needs_database(method):
+        require(db is not None, f"stitching {method} needs its level database (--db)")
+    report = method_function(method, "stitch")(Path(model_dir), profile, database_of(method, db), Path(out))
+    return {**report, "database_sha256": database_sha256(method, db)}
