@@ -14,6 +14,8 @@ import typer
 
 from evopress.cli_app import app
 from evopress.errors import UserError
+from evopress.layout import MODEL as MODEL_DIR
+from evopress.layout import TEXT as TEXT_DIR
 
 # Modules that add commands to `app` when imported (one per topic, so methods do not share a file).
 COMMAND_MODULES: list[str] = ["evopress.cli_database", "evopress.cli_compress", "evopress.cli_pipeline"]
@@ -24,7 +26,7 @@ def prepare_model_cmd(
     source: str = typer.Option(
         "embedded:smollm2-135m", help="embedded:<name>, a local HF folder, or hf:<org>/<name>"
     ),
-    out: Path = typer.Option(Path("data/model"), help="folder to write the safetensors model into"),
+    out: Path = typer.Option(Path(MODEL_DIR), help="folder to write the safetensors model into"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 (weights as saved)"),
     trust_remote_code: bool = typer.Option(
         False, help="allow custom model code from the source (hub models)"
@@ -42,7 +44,7 @@ def prepare_model_cmd(
 
 @app.command("prepare-data")
 def prepare_data_cmd(
-    model: Path = typer.Option(Path("data/model"), help="prepared model folder (its tokenizer is used)"),
+    model: Path = typer.Option(Path(MODEL_DIR), help="prepared model folder (its tokenizer is used)"),
     source: str = typer.Option(
         "builtin:pydoc", help="builtin:pydoc | file:<path-or-glob> | hf:<ds>[/<cfg>]:<split>[:<field>]"
     ),
@@ -50,7 +52,7 @@ def prepare_data_cmd(
     n_calibration: int = typer.Option(128, help="calibration sequences"),
     n_heldout: int = typer.Option(32, help="held-out sequences"),
     field: str = typer.Option("text", help="record field holding the text (jsonl / parquet / hf)"),
-    out: Path = typer.Option(Path("data/text"), help="folder to write the token sets into"),
+    out: Path = typer.Option(Path(TEXT_DIR), help="folder to write the token sets into"),
 ) -> None:
     """Tokenize a text source into calibration and held-out sequences (split on whole documents)."""
     from evopress.data import DataSpec

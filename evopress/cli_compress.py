@@ -12,6 +12,9 @@ import typer
 
 from evopress.cli_app import app
 from evopress.config import ComputeConfig, SearchConfig, parse_int_list, parse_option_pairs
+from evopress.layout import METRICS
+from evopress.layout import MODEL as MODEL_DIR
+from evopress.layout import TEXT as TEXT_DIR
 
 
 def progress_line(total: int):
@@ -23,8 +26,8 @@ def progress_line(total: int):
     return on_generation
 
 
-MODEL = typer.Option(Path("data/model"), help="prepared model folder")
-DATA = typer.Option(Path("data/text"), help="prepared token sets (calibration / heldout)")
+MODEL = typer.Option(Path(MODEL_DIR), help="prepared model folder")
+DATA = typer.Option(Path(TEXT_DIR), help="prepared token sets (calibration / heldout)")
 DB = typer.Option(None, help="level database folder (sparsity, quantization)")
 OPTION = typer.Option(None, "--option", help="method option key=value (repeatable), e.g. granularity=block")
 DTYPE = typer.Option(
@@ -136,7 +139,7 @@ def evaluate_cmd(
     topk: int = typer.Option(512, help="dense top-K kept for the KL (0 = full vocabulary)"),
     batch_size: int = typer.Option(8, help="sequences per forward"),
     dtype: str = DTYPE,
-    out: Path = typer.Option(Path("runs/metrics.json"), help="metrics json to write"),
+    out: Path = typer.Option(Path(METRICS), help="metrics json to write"),
 ) -> None:
     """Held-out perplexity (and KL to dense) of the dense model or of a profile applied to it."""
     from evopress.evaluate import Candidate, evaluate_candidates

@@ -14,13 +14,15 @@ import typer
 
 from evopress.cli_app import app
 from evopress.config import parse_option_pairs
+from evopress.layout import MODEL as MODEL_DIR
+from evopress.layout import TEXT as TEXT_DIR
 
 
 @app.command("build-db")
 def build_db_cmd(
     method: str = typer.Option(..., help="sparsity | quantization (methods with a level database)"),
-    model: Path = typer.Option(Path("data/model"), help="prepared model folder"),
-    data: Path = typer.Option(Path("data/text"), help="prepared token sets (calibration is used)"),
+    model: Path = typer.Option(Path(MODEL_DIR), help="prepared model folder"),
+    data: Path = typer.Option(Path(TEXT_DIR), help="prepared token sets (calibration is used)"),
     out: Path = typer.Option(..., help="database folder (resumes when it holds a matching manifest)"),
     option: list[str] = typer.Option([], help="method option key=value (repeatable), e.g. target=0.5"),
 ) -> None:
@@ -47,7 +49,7 @@ def build_db_cmd(
 @app.command("stitch")
 def stitch_cmd(
     method: str = typer.Option(..., help="depth | sparsity | quantization"),
-    model: Path = typer.Option(Path("data/model"), help="prepared (dense) model folder"),
+    model: Path = typer.Option(Path(MODEL_DIR), help="prepared (dense) model folder"),
     profile: Path = typer.Option(..., help="profile json from `search` or `baseline`"),
     db: Path | None = typer.Option(None, help="level database (methods that have one)"),
     out: Path = typer.Option(..., help="folder to write the compressed model into"),

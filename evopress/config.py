@@ -66,6 +66,17 @@ def from_tree(cls, tree, key: str = "", ignore: tuple[str, ...] = ()):
     return cls(**kwargs)
 
 
+def options_from(cls, options: dict | None, what: str, ignore=lambda key: False):
+    """A method's options dataclass from a mapping: unknown keys (unless `ignore(key)`) and wrong types fail in one
+    line naming the option; values are converted by the dataclass's annotations, like params.yaml's."""
+    options = dict(options or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(k for k in options if k not in names and not ignore(k))
+    require(not unknown, f"unknown {what} options {unknown}; allowed: {', '.join(names)}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: convert(v, hints[k], f"option {k}") for k, v in options.items() if k in names})
+
+
 def parse_option_pairs(pairs: list[str] | None) -> dict:
     """Command-line `--option key=value` pairs -> {key: value}; values are json when they parse, else text."""
     options = {}

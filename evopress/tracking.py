@@ -78,12 +78,14 @@ def input_tags(root: Path, deps: list[str]) -> dict[str, str]:
 
 def manifest_tags(root: Path) -> dict[str, str]:
     """sha256 of the prepared model and token sets, from the manifests their stages wrote."""
-    tags = {}
-    model = Path(root) / "data/model/evopress_model.json"
+    from evopress.layout import Layout
+
+    layout, tags = Layout(Path(root)), {}
+    model = layout.model / "evopress_model.json"
     if model.is_file():
         m = json.loads(model.read_text())
         tags.update({"model.sha256": m.get("sha256", ""), "model.source": m.get("source", "")})
-    data = Path(root) / "data/text/data.json"
+    data = layout.text / "data.json"
     if data.is_file():
         d = json.loads(data.read_text())
         tags["data.source"] = str(d.get("source", ""))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from evopress.adapter import SUBLAYER_KINDS, ModelAdapter
 from evopress.compressors.base import Compressor, Profile
+from evopress.config import options_from
 from evopress.errors import require
 
 GRANULARITIES = ("sublayer", "block")
@@ -31,10 +32,7 @@ class DepthOptions:
 
     @classmethod
     def from_dict(cls, options: dict | None) -> DepthOptions:
-        options = dict(options or {})
-        unknown = sorted(set(options) - {"granularity"})
-        require(not unknown, f"unknown depth options {unknown}; allowed: granularity")
-        opts = cls(**options)
+        opts = options_from(cls, options, "depth")
         require(
             opts.granularity in GRANULARITIES,
             f"unknown granularity {opts.granularity!r}; allowed: {', '.join(GRANULARITIES)}",

@@ -35,6 +35,7 @@ from evopress.compressors.linears import (
     split_unit,
 )
 from evopress.compressors.quantization.gptq import Quantized, check_bits, check_group_size, dequantize, gptq
+from evopress.config import options_from
 from evopress.database import DatabaseSpec, LevelDatabase
 from evopress.errors import require
 
@@ -57,13 +58,6 @@ def parse_bits(value) -> tuple[int, ...]:
     return bits
 
 
-def _flag(value) -> bool:
-    if isinstance(value, str):
-        require(value.lower() in ("true", "false", "1", "0"), f"expected true or false, got {value!r}")
-        return value.lower() in ("true", "1")
-    return bool(value)
-
-
 @dataclass(frozen=True)
 class QuantOptions:
     bits: tuple[int, ...] = (2, 3, 4, 5, 6)
@@ -78,21 +72,9 @@ class QuantOptions:
     @classmethod
     def from_dict(cls, options: dict | None) -> QuantOptions:
         options = dict(options or {})
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(set(options) - allowed - {"model_sha256"})
-        require(not unknown, f"unknown quantization options {unknown}; allowed: {', '.join(sorted(allowed))}")
-        kw = {}
-        for key, value in options.items():
-            if key == "bits":
-                kw[key] = parse_bits(value)
-            elif key == "act_order":
-                kw[key] = _flag(value)
-            elif key in allowed:
-                try:
-                    kw[key] = type(getattr(cls(), key))(value)
-                except ValueError:
-                    require(False, f"option {key}={value!r} is not a {type(getattr(cls(), key)).__name__}")
-        opts = cls(**kw)
+        if "bits" in options:  # also written 2,3,4 on the command line
+            options["bits"] = parse_bits(options["bits"])
+        opts = options_from(cls, options, "quantization", lambda k: k == "model_sha256")
         opts.validate()
         return opts
 

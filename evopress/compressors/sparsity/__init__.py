@@ -32,6 +32,7 @@ from evopress.compressors.linears import (
     split_unit,
 )
 from evopress.compressors.sparsity.sparsegpt import magnitude_prune, prune_counts
+from evopress.config import options_from
 from evopress.database import DatabaseSpec, LevelDatabase
 from evopress.errors import require
 from evopress.hessians import inverse_cholesky
@@ -55,14 +56,10 @@ class SparsityOptions:
 
     @classmethod
     def from_dict(cls, options: dict | None) -> SparsityOptions:
-        options = dict(options or {})
-        allowed = set(cls.__dataclass_fields__)
-        unknown = sorted(
-            k for k in set(options) - allowed - {"model_sha256", "target"} if not k.startswith("owl_")
+        # target and model_sha256 travel with the options; owl_* are the OWL baseline's (see baselines/sparsity.py)
+        opts = options_from(
+            cls, options, "sparsity", lambda k: k in ("model_sha256", "target") or k.startswith("owl_")
         )
-        require(not unknown, f"unknown sparsity options {unknown}; allowed: {', '.join(sorted(allowed))}")
-        kw = {k: type(getattr(cls(), k))(v) for k, v in options.items() if k in allowed}
-        opts = cls(**kw)
         opts.validate()
         return opts
 
