@@ -26,12 +26,20 @@ def progress_line(total: int):
     return on_generation
 
 
+# Defaults come from the config types, so the command line and params.yaml cannot drift apart.
+S, C = SearchConfig(), ComputeConfig()
+
+
+def _csv(values) -> str:
+    return ",".join(map(str, values))
+
+
 MODEL = typer.Option(Path(MODEL_DIR), help="prepared model folder")
 DATA = typer.Option(Path(TEXT_DIR), help="prepared token sets (calibration / heldout)")
 DB = typer.Option(None, help="level database folder (sparsity, quantization)")
 OPTION = typer.Option(None, "--option", help="method option key=value (repeatable), e.g. granularity=block")
 DTYPE = typer.Option(
-    "auto",
+    C.dtype,
     help="auto | float32 | bfloat16 | float16 for the forward passes (auto: bfloat16 where native, else float32)",
 )
 
@@ -44,21 +52,23 @@ def search_cmd(
     db: Path = DB,
     target: float = typer.Option(..., help="depth: blocks removed; sparsity: average sparsity; quant: bits"),
     option: list[str] = OPTION,
-    generations: int = typer.Option(50, help="generations of the (1 + lambda) EA"),
-    offspring: int = typer.Option(16, help="children per generation (lambda)"),
-    survivors: str = typer.Option("4,1", help="candidates kept after each selection step"),
-    tokens: str = typer.Option("1024,8192", help="calibration tokens scored in each selection step"),
-    seed: int = typer.Option(0, help="seed of every random choice (mutations, samples)"),
+    generations: int = typer.Option(S.generations, help="generations of the (1 + lambda) EA"),
+    offspring: int = typer.Option(S.offspring, help="children per generation (lambda)"),
+    survivors: str = typer.Option(_csv(S.survivors), help="candidates kept after each selection step"),
+    tokens: str = typer.Option(_csv(S.tokens), help="calibration tokens scored in each selection step"),
+    seed: int = typer.Option(S.seed, help="seed of every random choice (mutations, samples)"),
     init: str = typer.Option(None, help="uniform | random (default: random for depth, else uniform)"),
-    initially_generated: int = typer.Option(16, help="random profiles tried for --init random"),
-    initial_tokens: int = typer.Option(2048, help="tokens scoring the initial random profiles"),
+    initially_generated: int = typer.Option(
+        S.initially_generated, help="random profiles tried for --init random"
+    ),
+    initial_tokens: int = typer.Option(S.initial_tokens, help="tokens scoring the initial random profiles"),
     seed_baselines: str = typer.Option(
         "", help="comma-separated baselines whose profiles compete for the start (e.g. shortgpt,window)"
     ),
-    topk: int = typer.Option(512, help="dense top-K kept for the KL (0 = full vocabulary)"),
-    batch_size: int = typer.Option(8, help="sequences per forward"),
+    topk: int = typer.Option(C.topk, help="dense top-K kept for the KL (0 = full vocabulary)"),
+    batch_size: int = typer.Option(C.batch_size, help="sequences per forward"),
     dtype: str = DTYPE,
-    prefix_reuse: bool = typer.Option(True, help="start children at the first block they change"),
+    prefix_reuse: bool = typer.Option(S.prefix_reuse, help="start children at the first block they change"),
     out: Path = typer.Option(
         Path("runs/search"), help="folder for profile.json, history.csv, checkpoint.json"
     ),
@@ -114,8 +124,8 @@ def baseline_cmd(
     option: list[str] = OPTION,
     seed: int = typer.Option(0, help="seed of the calibration sample (and random profiles)"),
     tokens: int = typer.Option(2048, help="calibration tokens the baseline scores with"),
-    topk: int = typer.Option(512, help="dense top-K kept for KL-based baselines"),
-    batch_size: int = typer.Option(8, help="sequences per forward"),
+    topk: int = typer.Option(C.topk, help="dense top-K kept for KL-based baselines"),
+    batch_size: int = typer.Option(C.batch_size, help="sequences per forward"),
     dtype: str = DTYPE,
     out: Path = typer.Option(Path("runs/baseline"), help="folder for profile.json"),
 ) -> None:
@@ -136,8 +146,8 @@ def evaluate_cmd(
     profile: Path = typer.Option(None, help="profile json; without it the dense model is evaluated"),
     db: Path = DB,
     kl: bool = typer.Option(True, help="also report held-out KL against the dense model"),
-    topk: int = typer.Option(512, help="dense top-K kept for the KL (0 = full vocabulary)"),
-    batch_size: int = typer.Option(8, help="sequences per forward"),
+    topk: int = typer.Option(C.topk, help="dense top-K kept for the KL (0 = full vocabulary)"),
+    batch_size: int = typer.Option(C.batch_size, help="sequences per forward"),
     dtype: str = DTYPE,
     out: Path = typer.Option(Path(METRICS), help="metrics json to write"),
 ) -> None:

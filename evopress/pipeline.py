@@ -68,11 +68,18 @@ def _compute_tags(summary: dict) -> dict[str, str]:
     return {f"compute.{k}": str(v) for k, v in (summary or {}).items()}
 
 
+def _ran_in(dtype: str) -> dict[str, str]:
+    """compute.* tags of a stage that ran its forward passes in `dtype` (resolved here when 'auto')."""
+    from evopress.device import describe
+
+    return _compute_tags(describe(dtype))
+
+
 # --- the stages on params + layout -------------------------------------------------------------------------------
 def prepare_model(p: Params, layout: Layout, _m, log) -> StageResult:
     manifest = stages.prepare_model(p.model.source, layout.model, p.model.dtype)
     log(f"saved {p.model.source} -> {layout.model} (sha256 {manifest['sha256'][:12]})")
-    return StageResult(artifacts=[(layout.model / "evopress_model.json", None)])
+    return StageResult(artifacts=[(layout.model / "evopress_model.json", None)], tags=_ran_in(p.model.dtype))
 
 
 def prepare_data(p: Params, layout: Layout, _m, log) -> StageResult:
@@ -84,6 +91,8 @@ def prepare_data(p: Params, layout: Layout, _m, log) -> StageResult:
 
 
 def build_db(p: Params, layout: Layout, m: str, log) -> StageResult:
+    from evopress.device import describe
+
     mp, out = p.methods[m], layout.db(m)
     settings = {"target": mp.target, **mp.database, "code_sha256": code_sha256(layout, "build_db", m)}
     fresh_unless_same(layout.stamp(out), out, settings, log)
@@ -91,10 +100,12 @@ def build_db(p: Params, layout: Layout, m: str, log) -> StageResult:
     if db is None:
         return StageResult()
     db.manifest["code_sha256"] = settings["code_sha256"]
+    db.manifest["compute"] = describe("float32")  # builders always run in float32
     db.flush()
     log(f"database {out}: {len(db.pairs())} files, {db.size_on_disk() / 1e6:.1f} MB")
     return StageResult(
-        artifacts=[(out / "manifest.json", None)], tags={"database.sha256": db.content_sha256()}
+        artifacts=[(out / "manifest.json", None)],
+        tags={"database.sha256": db.content_sha256(), **_ran_in("float32")},
     )
 
 
@@ -144,7 +155,7 @@ def baselines(p: Params, layout: Layout, m: str, log) -> StageResult:
     atomic_write_json(
         out / "index.json", {"method": m, "baselines": mp.baselines}
     )  # the out exists when empty
-    result = StageResult()
+    result = StageResult(tags=_ran_in(p.compute.dtype))
     for name in mp.baselines:
         t0 = time.perf_counter()
         profile = stages.baseline(
@@ -163,6 +174,7 @@ def stitch(p: Params, layout: Layout, m: str, log) -> StageResult:
     log(f"stitched {out}")
     manifest = json.loads((out / "evopress_model.json").read_text())
     tags = {"database.sha256": report["database_sha256"]} if report.get("database_sha256") else {}
+    tags.update(_ran_in("float32"))  # stitching loads and writes the float32 reference
     return StageResult(
         artifacts=[(out / "evopress_model.json", None), (profile, None)],
         tags=tags,
@@ -198,11 +210,11 @@ def evaluate(p: Params, layout: Layout, _m, log) -> StageResult:
     )
     atomic_write_json(layout.metrics, rows)
     metrics = {f"{label}.{k}": v for label, row in rows.items() for k, v in row.items()}
-    return StageResult(
-        artifacts=[(layout.metrics, None)],
-        metrics=metrics,
-        tags=_compute_tags(next(iter(rows.values()))["compute"]),
-    )
+    tags = _compute_tags(next(iter(rows.values()))["compute"])
+    for row in rows.values():
+        if row.get("database_sha256"):
+            tags[f"database.sha256.{row['method']}"] = row["database_sha256"]
+    return StageResult(artifacts=[(layout.metrics, None)], metrics=metrics, tags=tags)
 
 
 def report(p: Params, layout: Layout, _m, log) -> StageResult:
