@@ -129,6 +129,7 @@ def evaluate_candidates(
             row.update(_measure(dense, tokens, {}, compute.batch_size))
         else:
             row = _profile_row(c, load, tokens, refs, compute, sha)
-        rows[c.label if c.profile is None else f"{row['method']}/{c.label}"] = {**row, **facts}
-        log(f"{c.label}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+        key = c.label if c.profile is None else f"{row['method']}/{c.label}"
+        rows[key] = {**row, **facts}
+        log(f"{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
     return rows
