@@ -8,13 +8,15 @@ each as files with the same sha256 (manifest["files"]), and where they differ: m
 weights, GPTQ codes / scales / zero points that differ, SparseGPT mask entries that differ.
 
     .venv/bin/python benchmarks/build_determinism.py [--hidden 64,128,256] [--threads 1,2]
-        [--accumulate current,per-sequence]
+        [--accumulate current,batched]
 
-`--accumulate per-sequence` patches HessianAccumulator.add in the build processes (nothing under evopress/ is
-edited) to sum one float32 X^T X per calibration sequence, in sequence order, into the float64 total: the
-candidate fix for the batch_size dependence. Also times both accumulations at the default model's widths
-(576, 1536; a batch of 8 x 512 tokens). Tiny random Llamas only (2 blocks, tests/conftest.py); a few minutes on
-2 cores. Writes benchmarks/results/build_determinism.json.
+Hessian accumulations (`--accumulate`): `current` is evopress/hessians.py as it is (one float32 X^T X per
+calibration sequence, summed in float64 in sequence order: no arithmetic depends on the batch split); `batched`
+patches HessianAccumulator.add in the build processes (nothing under evopress/ is edited) back to the arithmetic
+before that fix, one float32 X^T X per batch, to show the batch_size dependence the fix removed. Also reports,
+per accumulation, the relative difference of H for one batch of 8 rows vs 4 batches of 2, and times both at the
+default model's widths (576, 1536; a batch of 8 x 512 tokens). Tiny random Llamas only (2 blocks,
+tests/conftest.py); a few minutes on 2 cores. Writes benchmarks/results/build_determinism.json.
 """
 
 from __future__ import annotations
@@ -37,34 +39,25 @@ OPTIONS = {
     "sparsity": {"target": 0.5, "num_levels": 2, "n_samples": 8, "batch_size": 8},
     "quantization": {"bits": [2, 3, 4], "group_size": 16, "n_samples": 8, "batch_size": 8},
 }
-ACCUMULATE = ("current", "per-sequence")
+ACCUMULATE = ("current", "batched")
 
 # The build process: argv = threads, accumulate, json list of [workspace, method, out_dir, options].
 CHILD = r"""
-import importlib, json, sys, time
+import json, sys, time
 import torch
 threads, accumulate, builds = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 torch.set_num_threads(threads)
 from pathlib import Path
 from evopress.compressors import quantization, sparsity
+from evopress.hessians import HessianAccumulator
 
-def per_sequence_add(self, x):
-    x = x.float()
-    seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x.unsqueeze(0)
-    for xtx in torch.bmm(seqs.transpose(1, 2), seqs):  # one product per sequence, in sequence order
-        self.xtx += xtx
-    self.tokens += seqs.shape[0] * seqs.shape[1]
+def batched_add(self, x):  # before the fix: one float32 product per batch, rounding depends on the batch split
+    x = x.reshape(-1, x.shape[-1]).float()
+    self.xtx += (x.T @ x).double()
+    self.tokens += x.shape[0]
 
-if accumulate == "per-sequence":  # patch the class wherever it lives (it moved in the issue-11 refactor)
-    patched = 0
-    for name in ("evopress.hessians", "evopress.sparsegpt", "evopress.compressors.sparsity.sparsegpt"):
-        try:
-            importlib.import_module(name).HessianAccumulator.add = per_sequence_add
-            patched += 1
-        except (ImportError, AttributeError):
-            continue
-    if not patched:
-        raise SystemExit("HessianAccumulator not found")
+if accumulate == "batched":  # the class attribute: every builder (GPTQ, SparseGPT) sees the patch
+    HessianAccumulator.add = batched_add
 seconds = {}
 for ws, method, out, options in builds:
     module = sparsity if method == "sparsity" else quantization
@@ -158,46 +151,50 @@ def compare(a: Path, b: Path) -> dict:
     return out
 
 
-def hessian_batch_split(columns: int = 256, rows: int = 8, tokens: int = 64) -> float:
-    """Max relative difference of the current HessianAccumulator's H for one batch of 8 rows vs 4 batches of 2."""
-    from importlib import import_module
+def batched_add(self, x: torch.Tensor) -> None:
+    """HessianAccumulator.add before the fix (as CHILD patches it in): one float32 X^T X per batch."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    self.xtx += (x.T @ x).double()
+    self.tokens += x.shape[0]
 
-    for name in ("evopress.hessians", "evopress.sparsegpt", "evopress.compressors.sparsity.sparsegpt"):
-        try:
-            acc_class = import_module(name).HessianAccumulator
-            break
-        except (ImportError, AttributeError):
-            continue
+
+def accumulators() -> dict:
+    """accumulation name -> add(accumulator, x): the current HessianAccumulator.add and the old batched one."""
+    from evopress.hessians import HessianAccumulator
+
+    return {"current": HessianAccumulator.add, "batched": batched_add}
+
+
+def hessian_batch_split(columns: int = 256, rows: int = 8, tokens: int = 64) -> dict:
+    """Per accumulation: max relative difference of H for one batch of 8 rows vs 4 batches of 2."""
+    from evopress.hessians import HessianAccumulator
+
     x = torch.randn(rows, tokens, columns, generator=torch.Generator().manual_seed(0))
-    one, four = acc_class(columns), acc_class(columns)
-    one.add(x)
-    for part in x.split(2):
-        four.add(part)
-    return float((one.hessian - four.hessian).abs().max() / one.hessian.abs().max())
+    out = {}
+    for name, add in accumulators().items():
+        one, four = HessianAccumulator(columns), HessianAccumulator(columns)
+        add(one, x)
+        for part in x.split(2):
+            add(four, part)
+        out[name] = float((one.hessian - four.hessian).abs().max() / one.hessian.abs().max())
+    return out
 
 
 def time_accumulation(threads: int) -> dict:
-    """ms per batch of 8 x 512 tokens at the default model's widths: current vs per-sequence accumulation."""
+    """ms per batch of 8 x 512 tokens at the default model's widths: current vs batched accumulation."""
+    from evopress.hessians import HessianAccumulator
+
     torch.set_num_threads(threads)
-
-    def current(xtx, x):
-        x = x.reshape(-1, x.shape[-1])
-        xtx += (x.T @ x).double()
-
-    def per_sequence(xtx, x):
-        for m in torch.bmm(x.transpose(1, 2), x):
-            xtx += m
-
     out = {}
     for columns in (576, 1536):
         x = torch.randn(8, 512, columns, generator=torch.Generator().manual_seed(0))
-        for name, fn in (("current", current), ("per-sequence", per_sequence)):
-            xtx = torch.zeros(columns, columns, dtype=torch.float64)
-            fn(xtx, x)
+        for name, add in accumulators().items():
+            acc = HessianAccumulator(columns)
+            add(acc, x)
             times = []
             for _ in range(3):
                 start = time.perf_counter()
-                fn(xtx, x)
+                add(acc, x)
                 times.append(time.perf_counter() - start)
             out[f"{name}@{columns}"] = round(1000 * min(times), 1)
     return out
@@ -226,7 +223,7 @@ def environment() -> dict:
         "libraries": libs,
         "dtype": {
             "model": "float32",
-            "hessian": "float64 sum of float32 X^T X products, used as float32",
+            "hessian": "float64 sum of float32 X^T X products (current: one per sequence; batched: one per batch), used as float32",
             "sparsity_files": "float16 weights (storage=float16)",
             "quantization_files": "uint8 codes, float16 scales, uint8 zero points",
         },
@@ -253,7 +250,7 @@ def main() -> None:
         "--threads", default="1,2", help="thread counts of the fresh processes (first = reference)"
     )
     ap.add_argument(
-        "--accumulate", default=",".join(ACCUMULATE), help="Hessian accumulations: current,per-sequence"
+        "--accumulate", default=",".join(ACCUMULATE), help="Hessian accumulations: current,batched"
     )
     ap.add_argument("--out", default=str(OUT_JSON))
     args = ap.parse_args()
@@ -302,7 +299,10 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     env = results["environment"]
     print(f"\ntorch {env['torch']} | {env['cpu']} | {env['cpu_count']} cpus")
-    print(f"H rel diff, one batch of 8 vs 4 batches of 2: {results['hessian_rel_diff_batch_8_vs_4x2']:.1e}")
+    split = results["hessian_rel_diff_batch_8_vs_4x2"]
+    print(
+        "H rel diff, one batch of 8 vs 4 batches of 2: " + ", ".join(f"{k} {v:.1e}" for k, v in split.items())
+    )
     print(f"accumulation ms per 8x512 batch: {results['accumulate_ms_per_batch_8x512']}")
     print(f"wrote {args.out}")
 

@@ -2,10 +2,12 @@
 
 unit     a piece of the model compressed as one (a sublayer, a block, a linear layer), named by a string
 level    an integer setting of a unit (0 = the method's reference level; e.g. kept / target sparsity / bits)
-profile  unit name -> level, for every unit
-cost     the budget a unit spends at a level (removed sublayers, pruned weights, bits)
+profile  unit name -> level, for every unit (`Profile`); the *profile file* is the JSON around it (profile.py)
+target   the user's knob: sublayers (or blocks) removed, average sparsity, average bits
+cost     what a unit spends at a level (a removed unit, pruned weights, bits x weights)
+budget   the total cost every feasible profile has at the target (sum of its units' costs)
 group    units of one group trade level steps at equal cost, so a level-switch mutation (one unit one step
-         up, another unit of the same group one step down) keeps the total budget exactly
+         up, another unit of the same group one step down) keeps the budget exactly
 
 A compressor is bound to one live model (through its `ModelAdapter`): `apply` switches a unit to a level in
 place and is reversible, so the search moves one model between candidates by changing only the units that
