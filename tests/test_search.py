@@ -119,11 +119,18 @@ def small_config(**kw):
     return SearchConfig(**{**base, "initial_tokens": 64, **kw})
 
 
-def test_resume_after_interruption_gives_the_same_profile(setup8, tmp_path):
+@pytest.fixture(scope="module")
+def full_run(setup8, tmp_path_factory):
     adapter, ctx = setup8
     comp = make(adapter, 3, options={"granularity": "block"})
-    full = run_search(comp, ctx, small_config(), tmp_path / "full")
-    stop_at = random.Random().randint(1, 7)
+    return run_search(comp, ctx, small_config(), tmp_path_factory.mktemp("full"))
+
+
+@pytest.mark.parametrize("stop_at", [1, 4, 7])  # after the first, a middle and the last-but-one generation
+def test_resume_after_interruption_gives_the_same_profile(setup8, full_run, tmp_path, stop_at):
+    adapter, ctx = setup8
+    comp = make(adapter, 3, options={"granularity": "block"})
+    full = full_run
 
     def interrupt(info):
         if info.generation == stop_at:
