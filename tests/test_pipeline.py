@@ -185,15 +185,20 @@ def test_mlflow_holds_stage_runs_with_provenance(project):
     )
 
 
-def test_bad_params_fail_before_any_stage(project, tmp_path):
-    proj, _ = project
+def test_bad_params_fail_before_any_stage(tmp_path):
+    """In a fresh project (nothing run yet): check-params names the key in one line, and `dvc repro` stops at its
+    first stage before writing anything."""
+    proj = make_project(tmp_path)
     bad = yaml.safe_load((proj / "params.yaml").read_text())
     bad["methods"]["depth"]["search"]["generatoins"] = 3
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(bad))
-    res = sh(["evopress", "check-params", "--params", str(path)], proj, check=False)
+    (proj / "params.yaml").write_text(yaml.safe_dump(bad))
+    res = sh(["evopress", "check-params"], proj, check=False)
     assert res.returncode == 2
     assert res.stderr.strip().count("\n") == 0 and "methods.depth.search.generatoins" in res.stderr
+    repro = sh(["dvc", "repro"], proj, check=False)
+    assert repro.returncode != 0 and "methods.depth.search.generatoins" in repro.stdout + repro.stderr
+    assert ran_stages(repro.stdout) <= {"prepare_model"}  # the first stage started and refused at once
+    assert not (proj / "data").exists() and not (proj / "dvc.lock").exists()
 
 
 def test_prefect_flow_runs_the_graph(project, monkeypatch):
