@@ -2,8 +2,9 @@
 
   uniform    every linear at the target (level 0): uniform SparseGPT
   owl        OWL (Yin et al., 2024): a block's outlier ratio is the share of its scores |W_ij| * ||X_j|| above
-             M times their mean (per linear, averaged over the block's linears); blocks with more outliers are
-             pruned less: s_b = s - (r_b - mean r), r normalized to [0, 2 lambda], so s_b lies in s +- lambda.
+             M times their mean (all the block's linears pooled, as the authors' code does); blocks with more
+             outliers are pruned less: s_b = s - (r_b - mean r), r normalized to [0, 2 lambda]: the block
+             sparsities average s and span 2 lambda (not clipped to s +- lambda, like the authors' code).
              Block sparsities are mapped onto the nearest grid levels of every linear, then rounded so the
              budget is exact. With `grid=true`, lambda and M are picked from the authors' grid by calibration KL.
              From the CLI: `evopress baseline --method sparsity --name owl --option owl_lambda=0.08
@@ -60,13 +61,17 @@ def input_norms(comp: SparsityCompressor, ctx, rows: torch.Tensor) -> dict[str, 
 
 
 def outlier_ratios(comp: SparsityCompressor, norms: dict[str, torch.Tensor], m: float) -> torch.Tensor:
-    """Per block: mean over its linears of the share of |W| * ||X|| scores above m times the linear's mean."""
-    per_block: dict[int, list[float]] = {}
+    """Per block, OWL's outlier ratio: the share of the block's |W| * ||X|| scores (all its linears pooled) above
+    m times their pooled mean. Pooled, a linear with larger inputs (typically down_proj) weighs in as OWL intends."""
+    per_block: dict[int, list[torch.Tensor]] = {}
     for unit, norm in norms.items():
         score = comp._linear(unit).weight.abs().float() * norm.view(1, -1)
-        ratio = float((score > m * score.mean()).float().mean())
-        per_block.setdefault(comp.block_of(unit), []).append(ratio)
-    return torch.tensor([sum(v) / len(v) for _, v in sorted(per_block.items())], dtype=torch.float64)
+        per_block.setdefault(comp.block_of(unit), []).append(score.flatten())
+    ratios = []
+    for _, scores in sorted(per_block.items()):
+        pooled = torch.cat(scores)
+        ratios.append(float((pooled > m * pooled.mean()).double().mean()))
+    return torch.tensor(ratios, dtype=torch.float64)
 
 
 def owl_block_sparsity(ratios: torch.Tensor, target: float, lam: float) -> torch.Tensor:
