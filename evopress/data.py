@@ -138,14 +138,15 @@ def _chunk(ids: list[int], n: int, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
 
 
-def validate_spec(spec: DataSpec, max_context: int | None) -> None:
-    require(spec.seq_len >= 2, f"seq_len {spec.seq_len} is too short; allowed: >= 2")
+def validate_spec(spec: DataSpec, max_context: int | None = None, key: str = "data") -> None:
+    """The rules on a data spec (params.check applies them too, without the model's context)."""
+    for name, low in (("seq_len", 2), ("n_calibration", 1), ("n_heldout", 1)):  # seq_len 1 predicts no token
+        value = getattr(spec, name)
+        require(value >= low, f"{key}.{name} must be >= {low}, got {value}")
     if max_context:
         require(
             spec.seq_len <= max_context, f"seq_len {spec.seq_len} exceeds the model's context {max_context}"
         )
-    require(spec.n_calibration >= 1, f"n_calibration {spec.n_calibration} must be >= 1")
-    require(spec.n_heldout >= 1, f"n_heldout {spec.n_heldout} must be >= 1")
 
 
 def prepare_data(spec: DataSpec, tokenizer, out_dir: Path, max_context: int | None = None) -> dict:

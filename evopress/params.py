@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from evopress.config import DTYPES, ComputeConfig, SearchConfig, from_tree
-from evopress.data import DataSpec
+from evopress.data import DataSpec, validate_spec
 from evopress.errors import UserError, require
 from evopress.methods import METHODS, baselines, check_settings
 
@@ -96,9 +96,7 @@ def check_method(name: str, m: MethodParams, calibration_tokens: int) -> None:
 
 def check(params: Params) -> Params:
     require(bool(params.methods), "methods: name at least one method (depth, sparsity, quantization)")
-    d = params.data
-    for key in ("seq_len", "n_calibration", "n_heldout"):
-        require(getattr(d, key) >= 1, f"data.{key} must be >= 1, got {getattr(d, key)}")
+    validate_spec(params.data)
     for name, m in params.methods.items():
         check_method(name, m, params.calibration_tokens)
     require(

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from evopress.compressors.base import Compressor, Profile
-from evopress.config import INITS, SearchConfig
+from evopress.config import SearchConfig
 from evopress.errors import UserError, require
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.mutation import mutate
@@ -160,7 +160,6 @@ def run_search(
     only when a fresh search starts, so a resumed one skips computing the baselines).
     """
     config = config.for_method(comp.method).validate(calibration_tokens=ctx.total_tokens)
-    require(config.init in INITS, f"search.init {config.init!r}; allowed: {', '.join(INITS)}")
     out_dir = Path(out_dir) if out_dir is not None else None
     live = LiveModel(comp)
     state = _load_checkpoint(out_dir, config, comp) if out_dir else None

@@ -45,6 +45,16 @@ def tiny_gpt_neox(num_layers: int = 3, hidden: int = 64, vocab: int = 128, seed:
     return model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core CPU: a second torch thread only spins (30x slower here); restored after.
+    Use it per module: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def llama():
     return tiny_llama()

@@ -12,14 +12,7 @@ from evopress.compressors.depth import make, stitch
 from evopress.errors import UserError
 from evopress.scoring import FitnessContext
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core CPU: a second torch thread only spins (30x slower here); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_units_and_budget():

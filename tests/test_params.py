@@ -143,7 +143,7 @@ def test_load_names_the_file_and_rejects_bad_yaml(tmp_path):
     with pytest.raises(UserError, match="not valid yaml"):
         P.load(bad)
     bad.write_text(yaml.safe_dump(edit(smoke(), "data.seq_len", 0)))
-    with pytest.raises(UserError, match=r"p.yaml: data.seq_len must be >= 1"):
+    with pytest.raises(UserError, match=r"p.yaml: data.seq_len must be >= 2"):
         P.load(bad)
 
 

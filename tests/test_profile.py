@@ -14,13 +14,7 @@ from evopress.errors import UserError
 from evopress.io import atomic_save_safetensors
 from evopress.profile import load_profile, make_profile, save_profile
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_roundtrip_and_fields(tmp_path):

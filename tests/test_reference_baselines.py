@@ -25,13 +25,7 @@ SEED, N_TOKENS = 3, 128  # 4 of the 8 rows: a baseline reading other rows can gi
 MARGIN = 1e-4  # expected answers must win by more than float noise, or the test would be a coin toss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core CPU: a second torch thread only spins (30x slower here); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(seed: int = SEED, n_tokens: int = N_TOKENS) -> torch.Tensor:

@@ -17,14 +17,7 @@ from evopress.errors import UserError
 from evopress.mutation import mutate
 from evopress.search import FitnessContext, SearchConfig, make_offspring, run_search, select
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core CPU: a second torch thread only spins (30x slower here); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeCompressor(Compressor):

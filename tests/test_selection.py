@@ -16,13 +16,7 @@ from evopress.compressors.depth import make
 from evopress.config import SearchConfig
 from evopress.scoring import FitnessContext
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

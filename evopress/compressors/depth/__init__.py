@@ -50,9 +50,9 @@ def parse_target(target: float, num_blocks: int) -> int:
 
 
 def check_settings(target: float, options: dict, database: dict) -> None:
-    """What can be checked without the model: the options, and a whole, non-negative target."""
+    """What can be checked without the model: the options, and a whole, non-negative target (depth has no
+    database: params.check refuses one, and build-db needs none)."""
     DepthOptions.from_dict(options)
-    require(not database, "depth has no level database; leave `database` empty")
     require(
         target is None or (float(target) == int(target) and target >= 0),
         f"depth target {target} must be a whole number >= 0 (blocks, or sublayers of each kind, to remove)",
