@@ -72,27 +72,10 @@ def make_workspace(root: Path, hidden: int) -> Path:
     """tests/conftest.py's tiny Llama (2 blocks) at `hidden`, and 8 calibration rows (32 tokens at hidden 64,
     as prepare_tiny_workspace; 64 tokens above, so the GEMMs are big enough for threads to split them)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from safetensors.torch import save_file
-
-    from conftest import char_tokenizer, prepare_tiny_workspace, tiny_llama
-    from evopress.models import save_model
+    from conftest import prepare_tiny_workspace
 
     root.mkdir(parents=True)
-    if hidden == 64:
-        return prepare_tiny_workspace(root)
-    save_model(
-        tiny_llama(num_layers=2, hidden=hidden, vocab=257),
-        char_tokenizer(),
-        root / "model",
-        source="test:tiny",
-    )
-    g = torch.Generator().manual_seed(3)
-    (root / "text").mkdir()
-    for split, n in (("calibration", 8), ("heldout", 4)):
-        save_file(
-            {"input_ids": torch.randint(0, 257, (n, 64), generator=g)}, root / "text" / f"{split}.safetensors"
-        )
-    return root
+    return prepare_tiny_workspace(root, hidden=hidden, seq_len=32 if hidden == 64 else 64)
 
 
 def run_builds(threads: int, accumulate: str, builds: list, cwd: Path) -> dict:

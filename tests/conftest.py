@@ -92,20 +92,24 @@ def tokenizer():
     return char_tokenizer()
 
 
-def prepare_tiny_workspace(root):
+def prepare_tiny_workspace(root, hidden: int = 64, seq_len: int = 32):
     """A tiny Llama saved like `evopress prepare-model` (vocab 257 = the byte tokenizer) and random token sets
-    like `evopress prepare-data` (calibration 8 x 32, held-out 4 x 32) under `root`; returns `root`."""
+    like `evopress prepare-data` (calibration 8 x seq_len, held-out 4 x seq_len) under `root`; returns `root`."""
     from safetensors.torch import save_file
 
     from evopress.models import save_model
 
     save_model(
-        tiny_llama(num_layers=2, hidden=64, vocab=257), char_tokenizer(), root / "model", source="test:tiny"
+        tiny_llama(num_layers=2, hidden=hidden, vocab=257),
+        char_tokenizer(),
+        root / "model",
+        source="test:tiny",
     )
     g = torch.Generator().manual_seed(3)
     (root / "text").mkdir()
     for split, n in (("calibration", 8), ("heldout", 4)):
         save_file(
-            {"input_ids": torch.randint(0, 257, (n, 32), generator=g)}, root / "text" / f"{split}.safetensors"
+            {"input_ids": torch.randint(0, 257, (n, seq_len), generator=g)},
+            root / "text" / f"{split}.safetensors",
         )
     return root

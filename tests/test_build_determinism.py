@@ -27,9 +27,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import char_tokenizer, prepare_tiny_workspace, tiny_llama
+from conftest import prepare_tiny_workspace
 
 OPTIONS = {
     "sparsity": {"target": 0.5, "num_levels": 2, "n_samples": 8},
@@ -76,21 +75,8 @@ def finish_builds(threads: int, proc: subprocess.Popen) -> None:
 
 
 def workspace_h128(root: Path) -> Path:
-    """Like conftest.prepare_tiny_workspace, wider (hidden 128) and longer rows (8 x 64), so GEMMs split."""
-    from safetensors.torch import save_file
-
-    from evopress.models import save_model
-
-    save_model(
-        tiny_llama(num_layers=2, hidden=128, vocab=257), char_tokenizer(), root / "model", source="test:tiny"
-    )
-    g = torch.Generator().manual_seed(3)
-    (root / "text").mkdir()
-    for split, n in (("calibration", 8), ("heldout", 4)):
-        save_file(
-            {"input_ids": torch.randint(0, 257, (n, 64), generator=g)}, root / "text" / f"{split}.safetensors"
-        )
-    return root
+    """Like the conftest workspace, wider (hidden 128) and longer rows (8 x 64), so GEMMs split."""
+    return prepare_tiny_workspace(root, hidden=128, seq_len=64)
 
 
 @pytest.fixture(scope="module")
