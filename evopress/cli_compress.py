@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from evopress.cli_app import app
-from evopress.config import ComputeConfig, SearchConfig, parse_int_list, parse_option_pairs
+from evopress.config import ComputeConfig, SearchConfig, parse_int_list, parse_option_pairs, parse_token_steps
 from evopress.layout import METRICS
 from evopress.layout import MODEL as MODEL_DIR
 from evopress.layout import TEXT as TEXT_DIR
@@ -55,7 +55,10 @@ def search_cmd(
     generations: int = typer.Option(S.generations, help="generations of the (1 + lambda) EA"),
     offspring: int = typer.Option(S.offspring, help="children per generation (lambda)"),
     survivors: str = typer.Option(_csv(S.survivors), help="candidates kept after each selection step"),
-    tokens: str = typer.Option(_csv(S.tokens), help="calibration tokens scored in each selection step"),
+    tokens: str = typer.Option(
+        _csv(S.tokens),
+        help="calibration tokens scored in each selection step; the last may be all (every row, exact)",
+    ),
     seed: int = typer.Option(S.seed, help="seed of every random choice (mutations, samples)"),
     init: str = typer.Option(None, help="uniform | random (default: random for depth, else uniform)"),
     initially_generated: int = typer.Option(
@@ -80,7 +83,7 @@ def search_cmd(
         generations=generations,
         offspring=offspring,
         survivors=parse_int_list(survivors, "--survivors"),
-        tokens=parse_int_list(tokens, "--tokens"),
+        tokens=parse_token_steps(tokens, "--tokens"),
         seed=seed,
         init=init or "",
         initially_generated=initially_generated,

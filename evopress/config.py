@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass
 
-from evopress.errors import require
+from evopress.errors import UserError, require
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INITS = ("uniform", "random")
+ALL = "all"  # a selection step on every calibration row: parent and children meet on identical rows
 
 
 # --- generic conversion: tree -> dataclass, naming the key of the first problem ----------------------------------
@@ -31,6 +33,18 @@ def convert(value, tp, key: str):
         return value
     if dataclasses.is_dataclass(tp):
         return from_tree(tp, value, key)
+    if origin in (
+        typing.Union,
+        types.UnionType,
+    ):  # the first alternative that fits (int | str: 1024 or "all")
+        alternatives = typing.get_args(tp)
+        for alt in alternatives:
+            try:
+                return convert(value, alt, key)
+            except UserError:
+                continue
+        names = " or ".join(a.__name__ for a in alternatives)
+        require(False, f"{key}: expected {names}, got {_type_name(value)}")
     if origin in (list, tuple):
         require(isinstance(value, list | tuple), f"{key}: expected a list, got {_type_name(value)}")
         item = typing.get_args(tp)[0]
@@ -99,6 +113,18 @@ def parse_int_list(text: str, name: str) -> tuple[int, ...]:
         raise  # unreachable: require raised
 
 
+def parse_token_steps(text: str, name: str = "--tokens") -> tuple[int | str, ...]:
+    """'1024,all' -> (1024, 'all'): tokens per selection step; `all` (the last step only) = every row."""
+    steps = [v.strip() for v in text.split(",")]
+    try:
+        return tuple(ALL if v == ALL else int(v) for v in steps)
+    except ValueError:
+        require(
+            False, f"bad {name} {text!r}; expected comma-separated integers, the last may be 'all': 1024,all"
+        )
+        raise  # unreachable: require raised
+
+
 def _at_least(key: str, value: int, low: int) -> None:
     require(value >= low, f"{key} must be >= {low}, got {value}")
 
@@ -126,7 +152,10 @@ class SearchConfig:
     generations: int = 50
     offspring: int = 16
     survivors: tuple[int, ...] = (4, 1)  # candidates kept after each selection step (the last keeps 1)
-    tokens: tuple[int, ...] = (1024, 8192)  # calibration tokens scored in each selection step
+    # Calibration tokens scored in each selection step. The last may be "all" (every calibration row, exact): the
+    # parent and its children then meet on identical rows, so the search never accepts a worse profile. The
+    # authors' last steps hold 32K-131K tokens, more than our calibration sets: exact is the faithful default.
+    tokens: tuple[int | str, ...] = (1024, ALL)
     seed: int = 0
     init: str = ""  # uniform | random; "" = the method's default (random for depth, uniform otherwise)
     initially_generated: int = 16  # random profiles tried for init=random
@@ -154,7 +183,14 @@ class SearchConfig:
             self.survivors[0] <= self.offspring,
             f"{key}.survivors {self.survivors[0]} exceed offspring {self.offspring}; allowed: survivors <= offspring",
         )
-        for name, values in (("tokens", self.tokens), ("initial_tokens", (self.initial_tokens,))):
+        last = len(self.tokens) - 1
+        for i, t in enumerate(self.tokens):
+            require(
+                not isinstance(t, str) or (t == ALL and i == last),
+                f"{key}.tokens[{i}] {t!r}; allowed: a token count, or 'all' in the last step only",
+            )
+        counts = [t for t in self.tokens if t != ALL]
+        for name, values in (("tokens", counts), ("initial_tokens", (self.initial_tokens,))):
             for t in values:
                 _at_least(f"{key}.{name}", t, 1)
                 if calibration_tokens is not None:
@@ -168,6 +204,10 @@ class SearchConfig:
         _at_least(f"{key}.initially_generated", self.initially_generated, 1)
         _at_least(f"{key}.max_mutation_steps", self.max_mutation_steps, 1)
         return self
+
+    @property
+    def exact_last_step(self) -> bool:
+        return self.tokens[-1] == ALL
 
     def for_method(self, method: str) -> SearchConfig:
         """This config with the method's defaults filled in (the one place `init`'s default is decided)."""

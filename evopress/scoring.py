@@ -49,6 +49,9 @@ class FitnessContext:
         n_rows = min(len(self.tokens), math.ceil(n_tokens / self.seq_len))
         return torch.tensor(sorted(rng.sample(range(len(self.tokens)), n_rows)))
 
+    def all_rows(self) -> torch.Tensor:
+        return torch.arange(len(self.tokens))
+
     def kl(self, rows: torch.Tensor) -> float:
         return mean_kl(self.adapter, self.tokens, self.ref, rows, self.batch_size)
 

@@ -2,7 +2,9 @@
 
 Each generation: `offspring` distinct children of the parent by level-switch mutation (budget exact); multi-step
 selection scores them on fresh calibration samples of growing size (`tokens`), keeping `survivors[i]` after step i;
-the parent joins the last step (elitism, re-scored on new data; a child wins a tie). Fitness = mean KL(dense ||
+the parent joins the last step (elitism, re-scored on new data; a child wins a tie). A last step of `all` scores
+every calibration row: parent and children meet on identical rows, the parent keeps its exact score (not scored
+again), and the fitness can never rise from one generation to the next. Fitness = mean KL(dense ||
 candidate) per token, lower is better.
 
 One live model: moving between candidates applies only the units that differ from the current state. Prefix
@@ -27,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from evopress.compressors.base import Compressor, Profile
-from evopress.config import SearchConfig
+from evopress.config import ALL, SearchConfig
 from evopress.errors import UserError, require
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.mutation import mutate
@@ -198,12 +200,16 @@ def run_search(
             for step, (n_tok, keep) in enumerate(zip(config.tokens, config.survivors, strict=True)):
                 ts = time.perf_counter()
                 last = step == len(config.tokens) - 1
-                rows = ctx.sample(rng, n_tok)
-                if last:
+                rows = ctx.all_rows() if n_tok == ALL else ctx.sample(rng, n_tok)
+                # On an exact last step the parent's score is the one it won with: no need to score it again.
+                known = state.get("exact_fitness") if last and n_tok == ALL else None
+                if last and known is None:
                     pool = pool + [parent]
                 reuse = parent if (step == 0 and config.prefix_reuse) else None
                 scores = score_pool(ctx, live, pool, rows, reuse)
                 tokens += len(pool) * len(rows) * ctx.seq_len
+                if known is not None:
+                    pool, scores = pool + [parent], scores + [known]
                 chosen = select(pool, scores, 1 if last else keep)
                 pool, best_score = [pool[i] for i in chosen], scores[chosen[0]]
                 step_seconds.append(time.perf_counter() - ts)
@@ -219,6 +225,8 @@ def run_search(
             row.update({f"step{i + 1}_seconds": round(s, 4) for i, s in enumerate(step_seconds)})
             state["history"].append(row)
             state.update(generation=gen, parent=parent, fitness=fitness, rng=_rng_state(rng))
+            if config.exact_last_step:
+                state["exact_fitness"] = fitness
             if out_dir:
                 _save_checkpoint(out_dir, state)
             bar.update(1)

@@ -70,6 +70,13 @@ RULES = [
     ("methods.depth.search.survivors", [5, 1], "exceed offspring 4"),
     ("methods.depth.search.tokens", [0, 512], "methods.depth.search.tokens must be >= 1"),
     ("methods.depth.search.tokens", [128, 4096], "tokens 4096 exceeds the calibration set's 2048 tokens"),
+    (
+        "methods.depth.search.tokens",
+        ["all", 512],
+        "tokens[0] 'all'; allowed: a token count, or 'all' in the last",
+    ),
+    ("methods.depth.search.tokens", [128, "most"], "tokens[1] 'most'; allowed: a token count, or 'all'"),
+    ("methods.depth.search.tokens", [128, 1.5], "tokens[1]: expected int or str, got float 1.5"),
     ("methods.depth.search.initial_tokens", 4096, "initial_tokens 4096 exceeds the calibration set's"),
     ("methods.depth.search.init", "best", "methods.depth.search.init 'best'; allowed: uniform, random"),
     ("methods.depth.search.initially_generated", 0, "initially_generated must be >= 1"),

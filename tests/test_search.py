@@ -187,6 +187,7 @@ def test_search_finds_the_brute_force_optimum(setup8):
         ({"init": "best"}, "search.init .best.; allowed: uniform, random"),
         ({"survivors": (1, 2)}, "non-increasing"),
         ({"survivors": (2,)}, "one entry per selection step"),
+        ({"tokens": ("all", 32)}, "'all' in the last step only"),
     ],
 )
 def test_bad_settings_are_one_line_errors(setup8, kw, message):
@@ -232,3 +233,12 @@ def test_a_seed_off_budget_or_missing_is_a_user_error(setup8):
         run_search(comp, ctx, config, seeds={"other": comp.profile_from_blocks([0, 1])})
     with pytest.raises(UserError, match="no profile was given"):
         run_search(comp, ctx, config, seeds={})
+
+
+def test_command_line_token_steps_accept_all_last():
+    from evopress.config import parse_token_steps
+
+    assert parse_token_steps("512, all") == (512, "all")
+    assert parse_token_steps("512,2048") == (512, 2048)
+    with pytest.raises(UserError, match="bad --tokens '512,most'; expected comma-separated integers"):
+        parse_token_steps("512,most")

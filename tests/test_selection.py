@@ -82,3 +82,69 @@ def test_exact_last_step_never_lets_the_fitness_rise(setup):
     result = search_module.run_search(comp, ctx, config)
     fitness = [result.initial_fitness] + [row["fitness"] for row in result.history]
     assert all(b <= a + 1e-12 for a, b in zip(fitness, fitness[1:], strict=False)), fitness
+
+
+def test_last_step_all_scores_every_row_and_the_parent_once(setup, monkeypatch):
+    """`all` in the last step: children meet the parent on every calibration row; the parent keeps the exact
+    score it won with instead of being scored again; each generation's fitness is the parent's exact KL."""
+    adapter, ctx = setup
+    calls = []
+    real = search_module.score_pool
+
+    def recording(ctx_, live, pool, rows, parent):
+        calls.append({"pool": [dict(p) for p in pool], "rows": rows.tolist()})
+        return real(ctx_, live, pool, rows, parent)
+
+    monkeypatch.setattr(search_module, "score_pool", recording)
+    comp = make(adapter, 2, options={"granularity": "sublayer"})
+    config = SearchConfig(
+        generations=5,
+        offspring=4,
+        survivors=(2, 1),
+        tokens=(64, "all"),
+        init="uniform",
+        seed=2,
+        initial_tokens=64,
+    )
+    result = search_module.run_search(comp, ctx, config)
+    last_steps = calls[1::2]
+    assert all(step["rows"] == list(range(len(ctx.tokens))) for step in last_steps)
+    assert (
+        len(last_steps[0]["pool"]) == 3
+    )  # generation 1: the parent's start score was on a sample, so it joins
+    assert all(len(step["pool"]) == 2 for step in last_steps[1:])  # later: its exact score is known
+    fitness = [row["fitness"] for row in result.history]
+    assert all(b <= a for a, b in zip(fitness, fitness[1:], strict=False)), fitness
+    comp.apply_profile(result.profile)
+    assert result.fitness == pytest.approx(ctx.kl(ctx.all_rows()), rel=1e-12)
+
+
+def test_a_search_started_at_an_optimum_never_leaves_it(monkeypatch):
+    """Start at the brute-force optimum (a local optimum for every move): with an exact last step the search
+    cannot walk away from it, whatever its small first-step samples say. The control, the same searches with a
+    32-token last step, does walk away: the rows decide, not the code path."""
+    import itertools
+
+    adapter = ModelAdapter(tiny_llama(num_layers=8, seed=3))
+    tokens = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(11))
+    ctx = FitnessContext.build(adapter, tokens, topk=None)
+    comp = make(adapter, 3, options={"granularity": "block"})
+    kl = {}
+    for removed in itertools.combinations(range(8), 3):
+        comp.apply_profile(comp.profile_from_blocks(list(removed)))
+        kl[removed] = ctx.kl(ctx.all_rows())
+    start = min(kl, key=kl.get)
+    monkeypatch.setattr(comp, "initial_profile", lambda: comp.profile_from_blocks(list(start)))
+
+    def ends(last_step, seed):
+        config = SearchConfig(
+            generations=6, offspring=6, survivors=(3, 1), tokens=(32, last_step), init="uniform", seed=seed,
+            initial_tokens=32,
+        )  # fmt: skip
+        result = search_module.run_search(comp, ctx, config)
+        return tuple(comp.removed_blocks(result.profile)["block"]), result.fitness
+
+    for seed in range(3):
+        removed, fitness = ends("all", seed)
+        assert removed == start and fitness == pytest.approx(kl[start], rel=1e-9)
+    assert any(ends(32, seed)[0] != start for seed in range(3))
