@@ -2,8 +2,15 @@
 
 Sources:
   builtin:pydoc                          the language reference topics every CPython ships (pydoc_data.topics)
+  builtin:docstrings                     the docstrings of the standard library's own source files (one document
+                                         per module: module, class and function docstrings; no import, no side
+                                         effects; fixed by the Python version like builtin:pydoc)
   file:<path-or-glob>                    .txt (one document per blank-line paragraph group), .jsonl, .parquet
   hf:<dataset>[/<config>]:<split>[:<field>]   through `datasets` (needs a reachable hub or a local cache)
+
+A mix of sources with weights (`source: {"builtin:pydoc": 0.5, "builtin:docstrings": 0.5}`) gives each source its
+share of the calibration and of the held-out rows (largest remainder, at least one calibration row each), so a
+search calibrated on it cannot fit one domain only.
 
 The split is made on whole documents, ordered by the sha256 of their text, so it is the same on every run and
 on every machine, and no document contributes to both sides. Held-out documents are taken first until they
@@ -12,10 +19,13 @@ fill the held-out sequences; the rest is calibration.
 
 from __future__ import annotations
 
+import ast
 import glob
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import math
+import sysconfig
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,9 +37,15 @@ DATA_MANIFEST = "data.json"
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
+BUILTIN_SOURCES = ("builtin:pydoc", "builtin:docstrings")
+SOURCE_KINDS = (
+    "builtin:pydoc, builtin:docstrings, file:<path-or-glob>, hf:<dataset>[/<config>]:<split>[:<field>]"
+)
+
+
 @dataclass(frozen=True)
 class DataSpec:
-    source: str = "builtin:pydoc"
+    source: str | dict[str, float] = "builtin:pydoc"  # one source, or {source: weight} for a mix
     seq_len: int = 512
     n_calibration: int = 128
     n_heldout: int = 32
@@ -43,14 +59,39 @@ def read_documents(source: str, field: str = "text") -> list[str]:
         from pydoc_data.topics import topics
 
         return [topics[k] for k in sorted(topics)]
+    if source == "builtin:docstrings":
+        return _stdlib_docstrings()
     if source.startswith("file:"):
         return _read_files(source.removeprefix("file:"), field)
     if source.startswith("hf:"):
         return _read_hub(source.removeprefix("hf:"), field)
-    raise UserError(
-        f"unknown text source {source!r}; allowed: builtin:pydoc, file:<path-or-glob>, "
-        "hf:<dataset>[/<config>]:<split>[:<field>]"
-    )
+    raise UserError(f"unknown text source {source!r}; allowed: {SOURCE_KINDS}")
+
+
+def _stdlib_docstrings() -> list[str]:
+    """One document per standard-library module file: its module, class and function docstrings, in file order.
+
+    Read with `ast` from the source files (nothing is imported); test suites are left out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if (
+            rel.startswith(("site-packages/", "test/", "idlelib/idle_test/", "lib2to3/tests/"))
+            or "/tests/" in rel
+        ):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few files are deliberately broken (bad-syntax fixtures)
+        nodes = [tree] + [
+            n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+        ]
+        parts = [d for d in (ast.get_docstring(n) for n in nodes) if d and len(d) > 40]
+        if parts:
+            docs.append("\n\n".join(parts))
+    return docs
 
 
 def _read_files(pattern: str, field: str) -> list[str]:
@@ -110,22 +151,75 @@ def _doc_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def source_weights(spec: DataSpec, key: str = "data.source") -> list[tuple[str, float]]:
+    """[(source, weight)] with weights summing to 1: a single source has weight 1."""
+    if isinstance(spec.source, str):
+        return [(spec.source, 1.0)]
+    require(bool(spec.source), f"{key}: name at least one source (a mapping source -> weight)")
+    for source, weight in spec.source.items():
+        require(math.isfinite(weight) and weight > 0, f"{key} weight of {source!r} is {weight}; allowed: > 0")
+    total = sum(spec.source.values())
+    return [(source, weight / total) for source, weight in spec.source.items()]
+
+
+def split_rows(n: int, weights: list[float]) -> list[int]:
+    """`n` rows shared by weight (largest remainder; ties to the earlier source): the counts sum to `n`."""
+    exact = [n * w for w in weights]
+    rows = [math.floor(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (rows[i] - exact[i], i))
+    for i in order[: n - sum(rows)]:
+        rows[i] += 1
+    return rows
+
+
+def mix_and_tokenize(spec: DataSpec, tokenizer, read=None) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Calibration and held-out rows of every source of the spec, each with its share of the rows."""
+    read = read or (lambda source: read_documents(source, spec.field))
+    mix = source_weights(spec)
+    calib_rows = split_rows(spec.n_calibration, [w for _, w in mix])
+    heldout_rows = split_rows(spec.n_heldout, [w for _, w in mix])
+    calibration, heldout, parts = [], [], []
+    for (source, weight), n_cal, n_held in zip(mix, calib_rows, heldout_rows, strict=True):
+        require(
+            n_cal >= 1,
+            f"data.source weight {weight:.3g} of {source!r} gives it no calibration row of {spec.n_calibration}; "
+            "raise its weight or n_calibration",
+        )
+        docs = read(source)
+        part = replace(spec, source=source, n_calibration=n_cal, n_heldout=n_held)
+        cal, held = split_and_tokenize(docs, tokenizer, part)
+        calibration.append(cal)
+        heldout.append(held)
+        parts.append(
+            {
+                "source": source,
+                "weight": weight,
+                "documents": len(docs),
+                "calibration_rows": n_cal,
+                "heldout_rows": n_held,
+            }
+        )
+    return torch.cat(calibration), torch.cat(heldout), parts
+
+
 def split_and_tokenize(docs: list[str], tokenizer, spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(calibration [n_calibration, seq_len], heldout [n_heldout, seq_len]) int64 token ids."""
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     ordered = sorted(set(docs), key=_doc_key)
-    heldout_need = spec.n_heldout * spec.seq_len
+    heldout_need = spec.n_heldout * spec.seq_len  # a source of a mix may get no held-out row
     heldout_ids: list[int] = []
     calib_ids: list[int] = []
     for text in ordered:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
         target = heldout_ids if len(heldout_ids) < heldout_need else calib_ids
         target.extend(ids)
+        if len(calib_ids) >= spec.n_calibration * spec.seq_len:
+            break  # both sides are full: the rest of a large source need not be tokenized
     total = len(heldout_ids) + len(calib_ids)
     need = (spec.n_calibration + spec.n_heldout) * spec.seq_len
     require(
         len(heldout_ids) >= heldout_need and len(calib_ids) >= spec.n_calibration * spec.seq_len,
-        f"too little text: the source gives {total} tokens, the request needs at least {need} "
+        f"too little text: {spec.source} gives {total} tokens, the request needs at least {need} "
         f"((n_calibration {spec.n_calibration} + n_heldout {spec.n_heldout}) x seq_len {spec.seq_len}, "
         "split on whole documents); ask for fewer or shorter sequences",
     )
@@ -143,6 +237,7 @@ def validate_spec(spec: DataSpec, max_context: int | None = None, key: str = "da
     for name, low in (("seq_len", 2), ("n_calibration", 1), ("n_heldout", 1)):  # seq_len 1 predicts no token
         value = getattr(spec, name)
         require(value >= low, f"{key}.{name} must be >= {low}, got {value}")
+    source_weights(spec, f"{key}.source")
     if max_context:
         require(
             spec.seq_len <= max_context, f"seq_len {spec.seq_len} exceeds the model's context {max_context}"
@@ -152,8 +247,7 @@ def validate_spec(spec: DataSpec, max_context: int | None = None, key: str = "da
 def prepare_data(spec: DataSpec, tokenizer, out_dir: Path, max_context: int | None = None) -> dict:
     """Write calibration.safetensors, heldout.safetensors and data.json into `out_dir`."""
     validate_spec(spec, max_context)
-    docs = read_documents(spec.source, spec.field)
-    calibration, heldout = split_and_tokenize(docs, tokenizer, spec)
+    calibration, heldout, parts = mix_and_tokenize(spec, tokenizer)
     out_dir = Path(out_dir)
     atomic_save_safetensors(out_dir / "calibration.safetensors", {"input_ids": calibration})
     atomic_save_safetensors(out_dir / "heldout.safetensors", {"input_ids": heldout})
@@ -161,7 +255,8 @@ def prepare_data(spec: DataSpec, tokenizer, out_dir: Path, max_context: int | No
         **asdict(spec),
         "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
         "vocab_size": len(tokenizer),
-        "documents": len(docs),
+        "documents": sum(p["documents"] for p in parts),
+        "mix": parts,
         "calibration_tokens": calibration.numel(),
         "heldout_tokens": heldout.numel(),
         "sha256": {

@@ -77,3 +77,70 @@ def test_prepare_data_writes_tokens_and_manifest(tmp_path, tokenizer):
     assert on_disk == json.loads(json.dumps(manifest)) and len(on_disk["sha256"]) == 2
     with pytest.raises(UserError, match="seq_len 256 exceeds the model's context 128"):
         prepare_data(DataSpec(seq_len=256), tokenizer, tmp_path, max_context=128)
+
+
+def test_builtin_docstrings_is_real_prose_without_imports():
+    import sys
+
+    before = set(sys.modules)
+    docs = read_documents("builtin:docstrings")
+    assert len(docs) > 300 and sum(map(len, docs)) > 1_000_000
+    assert "antigravity" not in set(sys.modules) - before  # read from source, never imported
+
+
+@pytest.mark.parametrize(
+    "n, weights, rows",
+    [
+        (16, [0.5, 0.5], [8, 8]),
+        (16, [0.7, 0.3], [11, 5]),
+        (10, [1 / 3] * 3, [4, 3, 3]),
+        (5, [0.8, 0.2], [4, 1]), (3, [0.5, 0.5], [2, 1]),
+    ],
+)
+def test_rows_are_shared_by_weight(n, weights, rows):
+    from evopress.data import split_rows
+
+    assert split_rows(n, weights) == rows and sum(rows) == n
+
+
+def test_a_mix_gives_each_source_its_rows_and_no_shared_text(tokenizer):
+    from evopress.data import mix_and_tokenize
+
+    corpora = {"a": _docs(40), "b": [f"other text {i}: " + "dolor sit " * (4 + i % 5) for i in range(40)]}
+    spec = DataSpec(source={"a": 3.0, "b": 1.0}, seq_len=16, n_calibration=8, n_heldout=4)
+    cal, held, parts = mix_and_tokenize(spec, tokenizer, read=corpora.__getitem__)
+    assert cal.shape == (8, 16) and held.shape == (4, 16)
+    assert [(p["source"], p["weight"], p["calibration_rows"], p["heldout_rows"]) for p in parts] == [
+        ("a", 0.75, 6, 3),
+        ("b", 0.25, 2, 1),
+    ]
+    alone_cal, alone_held = split_and_tokenize(
+        corpora["b"], tokenizer, DataSpec(seq_len=16, n_calibration=2, n_heldout=1)
+    )
+    assert torch.equal(cal[6:], alone_cal) and torch.equal(
+        held[3:], alone_held
+    )  # each source split as on its own
+    text = bytes(cal[:6].flatten().clamp_max(255).tolist()).decode("utf-8", "ignore")
+    assert "lorem" in text and "dolor" not in text
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ({}, "data.source: name at least one source"),
+        ({"builtin:pydoc": 0.0}, "data.source weight of 'builtin:pydoc' is 0.0; allowed: > 0"),
+        ({"builtin:pydoc": 1.0, "builtin:docstrings": 0.01}, "gives it no calibration row of 8"),
+    ],
+)
+def test_bad_mixes_are_one_line_errors(tokenizer, tmp_path, source, message):
+    with pytest.raises(UserError, match=message):
+        prepare_data(DataSpec(source=source, seq_len=16, n_calibration=8, n_heldout=2), tokenizer, tmp_path)
+
+
+def test_a_mix_from_params_yaml_is_typed():
+    from evopress.config import from_tree
+
+    spec = from_tree(DataSpec, {"source": {"builtin:pydoc": 1, "builtin:docstrings": 0.5}}, "data")
+    assert spec.source == {"builtin:pydoc": 1.0, "builtin:docstrings": 0.5}
+    with pytest.raises(UserError, match="data.source: expected str or dict"):
+        from_tree(DataSpec, {"source": ["builtin:pydoc"]}, "data")
