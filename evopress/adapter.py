@@ -3,14 +3,18 @@
 The search, the compressors and the fitness never touch module names; they ask the adapter for
 block i's attention / MLP sublayer, its linear layers, or to run blocks [start, end) on hidden states.
 
-Block-by-block forward: the inputs the model passes to its first block (hidden states, rotary position
-embeddings, mask, position ids) are captured with a pre-hook that stops the forward, so every family's own
-preamble (embedding scale, rotary type, mask construction) is used as is. With SDPA attention and no padding
-the mask is None and the captured keyword arguments do not depend on the batch size.
+Block-by-block forward: the inputs the model passes to its blocks (hidden states, rotary position
+embeddings, mask, position ids) are captured with pre-hooks that stop the forward, so every family's own
+preamble (embedding scale, rotary type, mask construction) is used as is. Families with per-layer
+`config.layer_types` (Gemma 2/3, Qwen with sliding layers) give sliding-window and full-attention blocks different
+masks, and Gemma 3 different rotary embeddings: the keyword arguments of the first block of each type are
+captured and every block gets those of its type. With SDPA attention, full attention and no padding the mask is
+None; a materialized mask (sliding window, or eager attention) captured from one row broadcasts to any batch.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,10 +31,13 @@ class FamilySpec:
     final_norm: str  # dotted path to the norm applied before the LM head
     attn: str = "self_attn"  # attribute of a block
     mlp: str = "mlp"
+    attn_implementation: str = "sdpa"  # what transformers loads the family with
 
 
 # Llama, Mistral, Qwen2/3 and Phi-3 share module names (Phi-3 fuses qkv and gate/up, which only changes the
 # linear names, found generically). GPT-NeoX names everything differently and may use a parallel residual.
+# Gemma 2/3 (text) add sandwich norms, tied embeddings and per-layer sliding / full attention; Gemma 2 soft-caps
+# attention logits, which SDPA cannot do (transformers refuses it), so it runs eager attention.
 FAMILIES = {
     "llama": FamilySpec("model.layers", "model.norm"),
     "mistral": FamilySpec("model.layers", "model.norm"),
@@ -38,7 +45,52 @@ FAMILIES = {
     "qwen3": FamilySpec("model.layers", "model.norm"),
     "phi3": FamilySpec("model.layers", "model.norm"),
     "gpt_neox": FamilySpec("gpt_neox.layers", "gpt_neox.final_layer_norm", attn="attention", mlp="mlp"),
+    "gemma2": FamilySpec("model.layers", "model.norm", attn_implementation="eager"),
+    "gemma3_text": FamilySpec("model.layers", "model.norm"),
 }
+
+
+def require_supported(model_type: str) -> FamilySpec:
+    """The family's spec, or the one-line error every entry point gives for a model type we cannot adapt."""
+    require(
+        model_type in FAMILIES, f"unsupported model type {model_type!r}; supported: {', '.join(FAMILIES)}"
+    )
+    return FAMILIES[model_type]
+
+
+def attention_implementation(model_type: str) -> str:
+    """What to load a model type with: SDPA (no padding: the causal mask stays implicit) unless the family can't."""
+    spec = FAMILIES.get(model_type)
+    return spec.attn_implementation if spec else "sdpa"
+
+
+def first_block_of_each_type(block_types: tuple[str, ...]) -> dict[str, int]:
+    """{attention type: index of its first block}, in block order."""
+    first: dict[str, int] = {}
+    for i, kind in enumerate(block_types):
+        first.setdefault(kind, i)
+    return first
+
+
+@dataclass(frozen=True)
+class TypedBlockKwargs:
+    """Block keyword arguments of a model whose blocks differ by attention type: one dict per type."""
+
+    by_type: dict[str, dict]
+    block_types: tuple[str, ...]  # the type of each block, as config.layer_types
+
+    def of_block(self, block: int) -> dict:
+        return self.by_type[self.block_types[block]]
+
+
+def kwargs_of_block(kwargs: dict | TypedBlockKwargs, block: int) -> dict:
+    """A plain dict is what every block receives (one attention type); typed kwargs are chosen per block."""
+    return kwargs.of_block(block) if isinstance(kwargs, TypedBlockKwargs) else kwargs
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's final-logit soft-capping, cap * tanh(logits / cap), as the model's own forward applies it."""
+    return logits if not cap else torch.tanh(logits / cap) * cap
 
 
 class DroppedSublayer(nn.Module):
@@ -62,6 +114,28 @@ class _StopForward(Exception):
     pass
 
 
+def _pass_through(*args, **kwargs):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _skipped(modules: list[nn.Module]):
+    """Make blocks return their input unchanged for a while: capturing a later block's keyword arguments (computed
+    once, before the first block) needs none of the earlier blocks' compute. An instance-level `forward` (accelerate
+    hooks set one) is put back as it was."""
+    saved = [m.__dict__.get("forward") for m in modules]
+    for m in modules:
+        m.forward = _pass_through
+    try:
+        yield
+    finally:
+        for m, forward in zip(modules, saved, strict=True):
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
+
+
 def _get(root: nn.Module, dotted: str):
     obj = root
     for part in dotted.split("."):
@@ -73,15 +147,12 @@ class ModelAdapter:
     """Uniform view of a causal LM: blocks, sublayers, linears, block-by-block forward."""
 
     def __init__(self, model: nn.Module):
-        model_type = model.config.model_type
-        require(
-            model_type in FAMILIES, f"unsupported model type {model_type!r}; supported: {', '.join(FAMILIES)}"
-        )
+        self.spec = require_supported(model.config.model_type)
         self.model = model
-        self.spec = FAMILIES[model_type]
         self.blocks: nn.ModuleList = _get(model, self.spec.layers)
         self.final_norm: nn.Module = _get(model, self.spec.final_norm)
         self.head: nn.Module = model.get_output_embeddings()
+        self.logit_cap: float | None = getattr(model.config, "final_logit_softcapping", None)
         self._stash: dict[tuple[int, str], nn.Module] = {}
 
     @property
@@ -140,38 +211,68 @@ class ModelAdapter:
         return [f"block.{i}.{name}" for i in range(self.num_blocks) for name in self.linears(i)]
 
     # --- block-by-block forward ------------------------------------------------------------------------------
+    def block_types(self) -> tuple[str, ...]:
+        """The attention type of each block (config.layer_types); one shared type for families without them."""
+        types = getattr(self.model.config, "layer_types", None)
+        if not types:
+            return ("all",) * self.num_blocks
+        require(
+            len(types) == self.num_blocks,
+            f"config.layer_types lists {len(types)} blocks, the model has {self.num_blocks}",
+        )
+        return tuple(types)
+
     @torch.no_grad()
-    def block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Hidden states entering block 0 and the keyword arguments every block receives."""
-        captured = {}
+    def block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict | TypedBlockKwargs]:
+        """Hidden states entering block 0 and the keyword arguments the blocks receive: a dict every block
+        receives, or, where blocks differ by attention type, a `TypedBlockKwargs`. Both go to `run_blocks`."""
+        block_types = self.block_types()
+        firsts = first_block_of_each_type(block_types)
+        hidden, captured = self._capture(input_ids, sorted(firsts.values()))
+        if len(firsts) == 1:
+            return hidden, captured[0]
+        return hidden, TypedBlockKwargs({t: captured[i] for t, i in firsts.items()}, block_types)
 
-        def hook(_module, args, kwargs):
-            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            raise _StopForward
+    def _capture(self, input_ids: torch.Tensor, blocks: list[int]) -> tuple[torch.Tensor, dict[int, dict]]:
+        """One forward that records what `blocks` receive; blocks before the last one are skipped, not run."""
+        last = blocks[-1]
+        hidden: list[torch.Tensor] = []
+        captured: dict[int, dict] = {}
 
-        handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        def recorder(block: int):
+            def hook(_module, args, kwargs):
+                if block == 0:
+                    hidden.append(args[0] if args else kwargs["hidden_states"])
+                captured[block] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                if block == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self.blocks[i].register_forward_pre_hook(recorder(i), with_kwargs=True) for i in blocks]
         try:
-            self.model(input_ids=input_ids, use_cache=False)
+            with _skipped(list(self.blocks[:last])):
+                self.model(input_ids=input_ids, use_cache=False)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-        return captured["hidden"], captured["kwargs"]
+            for handle in handles:
+                handle.remove()
+        return hidden[0], captured
 
     @torch.no_grad()
     def run_blocks(
-        self, hidden: torch.Tensor, kwargs: dict, start: int = 0, end: int | None = None
+        self, hidden: torch.Tensor, kwargs: dict | TypedBlockKwargs, start: int = 0, end: int | None = None
     ) -> torch.Tensor:
         end = self.num_blocks if end is None else end
         for i in range(start, end):
-            out = self.blocks[i](hidden, **kwargs)
+            out = self.blocks[i](hidden, **kwargs_of_block(kwargs, i))
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(self.final_norm(hidden))
+        return soft_cap(self.head(self.final_norm(hidden)), self.logit_cap)
 
     @torch.no_grad()
     def forward_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

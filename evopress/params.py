@@ -24,7 +24,7 @@ SPLITS = ("calibration", "heldout")
 
 @dataclass
 class ModelParams:
-    source: str = "embedded:smollm2-135m"  # embedded:<name> | local HF folder | hf:<org>/<name>
+    source: str = "embedded:smollm2-135m"  # embedded:<name> | HF folder | .gguf file | hf:<org>/<name>
     dtype: str = "float32"  # dtype the prepared model is saved in
 
 

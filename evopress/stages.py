@@ -23,9 +23,14 @@ from evopress.models import load_adapter
 
 # --- the stages ---------------------------------------------------------------------------------------------------
 def prepare_model(source: str, out: Path, dtype: str = "float32", trust_remote_code: bool = False) -> dict:
-    """Load a base model from any source and save it once as a plain safetensors folder; returns its manifest."""
-    from evopress.models import load_model, save_model
+    """Load a base model from any source and save it once as a plain safetensors folder; returns its manifest.
 
+    A family the adapter cannot work with fails here, on the config alone, not at the first search."""
+    from evopress.adapter import require_supported
+    from evopress.models import load_config, load_model, parse_dtype, save_model
+
+    parse_dtype(dtype)  # a bad dtype fails before any config or weight is read
+    require_supported(load_config(source, trust_remote_code=trust_remote_code).model_type)
     model, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
     return save_model(model, tokenizer, Path(out), source)
 

@@ -45,6 +45,64 @@ def tiny_gpt_neox(num_layers: int = 3, hidden: int = 64, vocab: int = 128, seed:
     return model
 
 
+# Gemma blocks alternate sliding-window and full attention; a window of 8 under the tests' 32 tokens makes the two
+# masks differ, and Gemma 3's local and global rotary bases differ, so a block given the other type's inputs shows.
+GEMMA_LAYER_TYPES = ("sliding_attention", "sliding_attention", "full_attention")
+
+
+def _tiny_gemma_config(config_class, num_layers: int, hidden: int, vocab: int, **extra):
+    return config_class(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        query_pre_attn_scalar=hidden // 4,
+        max_position_embeddings=256,
+        sliding_window=8,
+        layer_types=[GEMMA_LAYER_TYPES[i % 3] for i in range(num_layers)],
+        tie_word_embeddings=True,
+        **extra,
+    )
+
+
+def _randomize_norms(model) -> None:
+    """Gemma's RMSNorm scales by (1 + w) with w initialized to 0; random w makes every norm's weight matter."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.5)
+
+
+def tiny_gemma2(num_layers: int = 4, hidden: int = 64, vocab: int = 128, seed: int = 0):
+    """Gemma 2 with a final-logit soft-cap of 0.5 (real models: 30), below the tiny random logits, so it matters;
+    eager attention, as transformers refuses SDPA for Gemma 2 (it cannot soft-cap attention logits)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = _tiny_gemma_config(
+        Gemma2Config, num_layers, hidden, vocab, final_logit_softcapping=0.5, attn_implementation="eager"
+    )
+    model = Gemma2ForCausalLM(config).eval()
+    _randomize_norms(model)
+    model.requires_grad_(False)
+    return model
+
+
+def tiny_gemma3(num_layers: int = 4, hidden: int = 64, vocab: int = 128, seed: int = 0):
+    """Gemma 3 text (`Gemma3ForCausalLM`, model type gemma3_text): local and global rotary bases differ."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = _tiny_gemma_config(Gemma3TextConfig, num_layers, hidden, vocab, attn_implementation="sdpa")
+    model = Gemma3ForCausalLM(config).eval()
+    _randomize_norms(model)
+    model.requires_grad_(False)
+    return model
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models on a shared 2-core CPU: a second torch thread only spins (30x slower here); restored after.

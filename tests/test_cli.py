@@ -54,6 +54,14 @@ def test_prepare_data_errors_on_the_prepared_model(monkeypatch, capsys, saved_ti
         (["--seq-len", "64", "--source", "file:/missing.txt"], "no text file matches '/missing.txt'"),
         (["--seq-len", "64", "--source", "ftp:x"], "unknown text source 'ftp:x'"),
         (["--seq-len", "64", "--n-calibration", "100000"], "too little text"),
+        (
+            ["--source", "builtin:pydoc", "--source", "ftp:x", "--weight", "1"],
+            "--weight given 1 times for 2 --source",
+        ),
+        (
+            ["--seq-len", "64", "--source", "builtin:pydoc", "--source", "ftp:x"],
+            "unknown text source 'ftp:x'",
+        ),
     ]
     for extra, message in cases:
         code, _, err = run_cli(
@@ -90,3 +98,19 @@ def test_every_command_has_help(monkeypatch, capsys):
     for name in group.commands:
         code, out, _ = run_cli(monkeypatch, capsys, name, "--help")
         assert code == 0 and "Usage" in out
+
+
+def test_prepare_data_mixes_repeated_sources(monkeypatch, capsys, saved_tiny_model, tmp_path):
+    import json
+
+    docs = tmp_path / "other.txt"
+    docs.write_text("\n\n".join(f"paragraph {i} " + "words " * 40 for i in range(60)))
+    args = ["--source", "builtin:pydoc", "--source", f"file:{docs}", "--weight", "3", "--weight", "1"]
+    out_dir = tmp_path / "mix"
+    code, out, _ = run_cli(
+        monkeypatch, capsys, "prepare-data", "--model", str(saved_tiny_model), "--out", str(out_dir),
+        "--seq-len", "32", "--n-calibration", "8", "--n-heldout", "4", *args,
+    )  # fmt: skip
+    assert code in (0, None) and "builtin:pydoc, file:" in out
+    mix = json.loads((out_dir / "data.json").read_text())["mix"]
+    assert [(m["calibration_rows"], m["heldout_rows"]) for m in mix] == [(6, 3), (2, 1)]
