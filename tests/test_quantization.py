@@ -123,7 +123,7 @@ def test_dp_and_uniform_baselines_on_budget(prepared, built):
     comp = _comp(prepared, built, 2.75)
     ctx = FitnessContext.build(comp.adapter, load_tokens(prepared / "text", "calibration"), topk=32)
     dense = {u: comp._linear(u).weight.clone() for u in comp.units()}
-    profile = qbase.dp(comp, ctx, tokens=64)
+    profile = qbase.dp(comp, ctx, seed=0, tokens=64)
     assert comp.total_cost(profile) == 2.75 * comp.total_params()
     assert all(torch.equal(comp._linear(u).weight, w) for u, w in dense.items())  # left dense
     errs = comp.layer_errors["block.0.self_attn.q_proj"]

@@ -137,6 +137,22 @@ def test_shortgpt_removes_the_least_influential_blocks(k, granularity):
     assert expected != sorted(sorted(bi_normed, key=bi_normed.get)[:k])
 
 
+def test_block_influence_and_window_similarity_are_token_means_over_every_row():
+    """The scores themselves, not only the blocks they pick: means over every token of the rows (rows split into
+    batches of 2, so a score kept from the last batch only, or a mean of per-batch means, is caught), cosine taken
+    over the hidden dimension."""
+    model = _planted(8, SHORTGPT_SCALES)
+    rows = _rows(SEED, 6 * TOKENS.shape[1])
+    h, _ = _block_states(model, rows)
+    adapter = ModelAdapter(model)
+    ctx = FitnessContext.build(adapter, TOKENS, topk=None, batch_size=4)  # 6 rows: batches of 4 and 2
+    bi = torch.tensor([1 - _mean_cos(h[i], h[i + 1]) for i in range(8)], dtype=torch.float64)
+    torch.testing.assert_close(depth_baselines.block_influence(ctx, rows), bi, rtol=0, atol=1e-6)
+    for k in (2, 3):
+        sim = torch.tensor([_mean_cos(h[s], h[s + k]) for s in range(8 - k + 1)], dtype=torch.float64)
+        torch.testing.assert_close(depth_baselines.window_similarity(ctx, rows, k), sim, rtol=0, atol=1e-6)
+
+
 # --- sliding window: the k contiguous blocks whose input and output are most alike -----------------------------
 @pytest.mark.parametrize("granularity", ["block", "sublayer"])
 @pytest.mark.parametrize("k", [2, 3])

@@ -164,7 +164,7 @@ def test_owl_profile_is_on_budget_and_follows_outliers(prepared, built, grid):
 
     adapter, ctx = _ctx(prepared)
     comp = sparsity.make(adapter, 0.5, db=built)
-    profile = BASELINES["owl"](comp, ctx, tokens=64, lam=0.1, m=3, grid=grid)
+    profile = BASELINES["owl"](comp, ctx, seed=0, tokens=64, lam=0.1, m=3, grid=grid)
     assert comp.total_cost(profile) == comp.total_cost(comp.initial_profile())
     s = owl_block_sparsity(torch.tensor([0.1, 0.3, 0.2], dtype=torch.float64), 0.5, 0.1)
     assert torch.allclose(s, torch.tensor([0.6, 0.4, 0.5], dtype=torch.float64))
@@ -178,7 +178,7 @@ def test_owl_needs_the_dense_model(prepared, built):
     comp = sparsity.make(adapter, 0.5, db=built)
     comp.apply_profile(comp.initial_profile())
     with pytest.raises(UserError, match="dense"):
-        BASELINES["owl"](comp, ctx, tokens=64)
+        BASELINES["owl"](comp, ctx, seed=0, tokens=64)
 
 
 def test_magnitude_baseline_prunes_smallest_weights(prepared, built):
@@ -188,7 +188,7 @@ def test_magnitude_baseline_prunes_smallest_weights(prepared, built):
     comp = sparsity.make(adapter, 0.5, db=built)
     unit = comp.units()[0]
     dense = comp._linear(unit).weight.clone()
-    profile = BASELINES["magnitude"](comp, ctx)
+    profile = BASELINES["magnitude"](comp, ctx, seed=0, tokens=64)
     assert comp.options == {"weights": "magnitude"}
     comp.apply_profile(profile)
     w = comp._linear(unit).weight

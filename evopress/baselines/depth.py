@@ -31,31 +31,41 @@ def _rows(ctx: FitnessContext, seed: int, tokens: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _boundaries(ctx: FitnessContext, rows: torch.Tensor) -> list:
-    return ctx.prefix(rows)
+def _mean_cosines(ctx: FitnessContext, rows: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """For each (i, j): cos(h_i, h_j) averaged over every token of `rows` (h_i enters block i), float64."""
+    total, count = torch.zeros(len(pairs), dtype=torch.float64), 0
+    for _, _, bounds in ctx.prefix(rows):
+        cos = [
+            torch.nn.functional.cosine_similarity(bounds[i].double(), bounds[j].double(), dim=-1)
+            for i, j in pairs
+        ]
+        total += torch.stack([c.sum() for c in cos])
+        count += bounds[0].shape[0] * bounds[0].shape[1]
+    return total / count
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean()
-
-
-def shortgpt(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
-    _dense(comp)
+def block_influence(ctx: FitnessContext, rows: torch.Tensor) -> torch.Tensor:
+    """ShortGPT's BI_i = 1 - E[cos(x_i, x_(i+1))] of every block i, with the model as it is (call it dense)."""
     n = ctx.adapter.num_blocks
-    influence = torch.zeros(n)
-    for _, _, bounds in _boundaries(ctx, _rows(ctx, seed, tokens)):
-        influence += torch.stack([1 - _cosine(bounds[i], bounds[i + 1]) for i in range(n)])
+    return 1 - _mean_cosines(ctx, rows, [(i, i + 1) for i in range(n)])
+
+
+def window_similarity(ctx: FitnessContext, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """E[cos(x_s, x_(s+k))] of every window of k contiguous blocks starting at s."""
+    n = ctx.adapter.num_blocks
+    return _mean_cosines(ctx, rows, [(s, s + k) for s in range(n - k + 1)])
+
+
+def shortgpt(comp: DepthCompressor, ctx: FitnessContext, *, seed: int, tokens: int) -> dict:
+    _dense(comp)
+    influence = block_influence(ctx, _rows(ctx, seed, tokens))
     return comp.profile_from_blocks(influence.argsort()[: comp.k].tolist())
 
 
-def window(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+def window(comp: DepthCompressor, ctx: FitnessContext, *, seed: int, tokens: int) -> dict:
     _dense(comp)
-    n, k = ctx.adapter.num_blocks, comp.k
-    sim = torch.zeros(n - k + 1)
-    for _, _, bounds in _boundaries(ctx, _rows(ctx, seed, tokens)):
-        sim += torch.stack([_cosine(bounds[i], bounds[i + k]) for i in range(n - k + 1)])
-    start = int(sim.argmax())
-    return comp.profile_from_blocks(list(range(start, start + k)))
+    start = int(window_similarity(ctx, _rows(ctx, seed, tokens), comp.k).argmax())
+    return comp.profile_from_blocks(list(range(start, start + comp.k)))
 
 
 @torch.no_grad()
@@ -91,18 +101,18 @@ def _removal_losses(comp: DepthCompressor, ctx: FitnessContext, rows, removed: l
     return losses
 
 
-def shortened_order(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> list:
+def shortened_order(comp: DepthCompressor, ctx: FitnessContext, *, seed: int, tokens: int) -> list:
     """Blocks from least to most harmful to remove alone (the answer for any k is the first k)."""
     losses = _removal_losses(comp, ctx, _rows(ctx, seed, tokens), [])
     return sorted(losses, key=losses.get)
 
 
-def shortened_ppl(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+def shortened_ppl(comp: DepthCompressor, ctx: FitnessContext, *, seed: int, tokens: int) -> dict:
     return comp.profile_from_blocks(shortened_order(comp, ctx, seed=seed, tokens=tokens)[: comp.k])
 
 
 def sleb_order(
-    comp: DepthCompressor, ctx: FitnessContext, k: int, *, seed: int = 0, tokens: int = 2048, start=()
+    comp: DepthCompressor, ctx: FitnessContext, k: int, *, seed: int, tokens: int, start=()
 ) -> list:
     """SLEB's removals in order; greedy, so the first j of them are SLEB's answer for any j <= k.
     `start`: removals already made (an earlier, shorter order with the same seed and tokens) to continue from."""
@@ -113,13 +123,11 @@ def sleb_order(
     return removed
 
 
-def sleb(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+def sleb(comp: DepthCompressor, ctx: FitnessContext, *, seed: int, tokens: int) -> dict:
     return comp.profile_from_blocks(sleb_order(comp, ctx, comp.k, seed=seed, tokens=tokens))
 
 
-def random_best(
-    comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048, n: int = 16
-) -> dict:
+def random_best(comp: DepthCompressor, ctx: FitnessContext, *, seed: int, tokens: int, n: int = 16) -> dict:
     rng = random.Random(seed)
     rows = ctx.sample(rng, tokens)
     pool = [comp.random_profile(rng) for _ in range(n)]
@@ -129,7 +137,8 @@ def random_best(
     return pool[select(pool, scores, 1)[0]]
 
 
-def uniform(comp: DepthCompressor, ctx: FitnessContext, *, seed: int = 0, tokens: int = 2048) -> dict:
+def uniform(comp: DepthCompressor, ctx: FitnessContext, **_) -> dict:
+    """Reads no calibration data: `seed` and `tokens` are accepted and unused."""
     return comp.initial_profile()
 
 

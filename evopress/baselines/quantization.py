@@ -22,7 +22,8 @@ from evopress.compressors.quantization import QuantizationCompressor
 from evopress.errors import require
 
 
-def uniform(comp: QuantizationCompressor, ctx=None, *, seed: int = 0, tokens: int = 2048) -> dict:
+def uniform(comp: QuantizationCompressor, ctx=None, **_) -> dict:
+    """Reads no calibration data: `seed` and `tokens` are accepted and unused."""
     bits = comp.target
     require(float(bits).is_integer(), f"uniform needs an integer target, got {bits} average bits (use dp)")
     return {u: int(bits) for u in comp.units()}
@@ -96,7 +97,7 @@ def dp_from_errors(comp: QuantizationCompressor, errors: dict[str, list[float]])
     return dict(zip(units, chosen, strict=True))
 
 
-def dp(comp: QuantizationCompressor, ctx, *, seed: int = 0, tokens: int = 2048) -> dict:
+def dp(comp: QuantizationCompressor, ctx, *, seed: int, tokens: int) -> dict:
     budget_units(comp)  # refuse an unreachable target before the expensive part
     rows = ctx.sample(random.Random(seed), tokens)
     comp.layer_errors = layer_errors(comp, ctx, rows)  # kept for reports

@@ -30,11 +30,13 @@ OWL_LAMBDAS = (0.02, 0.05, 0.08, 0.1, 0.15, 0.2)
 OWL_MS = (3, 5, 7, 10)
 
 
-def uniform(comp: SparsityCompressor, ctx=None, *, seed: int = 0, tokens: int = 2048) -> dict:
+def uniform(comp: SparsityCompressor, ctx=None, **_) -> dict:
+    """Reads no calibration data: `seed` and `tokens` are accepted and unused."""
     return comp.initial_profile()
 
 
-def magnitude(comp: SparsityCompressor, ctx=None, *, seed: int = 0, tokens: int = 2048) -> dict:
+def magnitude(comp: SparsityCompressor, ctx=None, **_) -> dict:
+    """Reads no calibration data: `seed` and `tokens` are accepted and unused."""
     comp.use_magnitude()
     return comp.initial_profile()
 
@@ -104,8 +106,8 @@ def owl(
     comp: SparsityCompressor,
     ctx,
     *,
-    seed: int = 0,
-    tokens: int = 2048,
+    seed: int,
+    tokens: int,
     lam: float | None = None,
     m: float | None = None,
     grid: bool | None = None,
