@@ -46,7 +46,8 @@ METHODS = {
     "quantization": {
         "target": 3.0,
         "options": {},
-        "database": {"bits": [2, 3, 4], "group_size": 32, "n_samples": 8},
+        # act_order pinned to the setting the golden file was written with (the default became true later)
+        "database": {"bits": [2, 3, 4], "group_size": 32, "n_samples": 8, "act_order": False},
         "search": {**SEARCH, "init": "uniform", "seed_baselines": []},
     },
 }

@@ -62,7 +62,9 @@ def parse_bits(value) -> tuple[int, ...]:
 class QuantOptions:
     bits: tuple[int, ...] = (2, 3, 4, 5, 6)
     group_size: int = 64  # input columns per scale/zero point (0 = whole row); must divide every width
-    act_order: bool = False
+    # Act-order with static groups (llm-compressor's default "static"; no index needed at inference): columns
+    # in decreasing Hessian-diagonal order, group grids from the original weights.
+    act_order: bool = True
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
     calib_bits: int = 3  # the upstream model's bit-width while later blocks are calibrated
     n_samples: int = 128  # calibration sequences for the Hessians
