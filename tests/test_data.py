@@ -94,7 +94,8 @@ def test_builtin_docstrings_is_real_prose_without_imports():
         (16, [0.5, 0.5], [8, 8]),
         (16, [0.7, 0.3], [11, 5]),
         (10, [1 / 3] * 3, [4, 3, 3]),
-        (5, [0.8, 0.2], [4, 1]), (3, [0.5, 0.5], [2, 1]),
+        (5, [0.8, 0.2], [4, 1]),
+        (3, [0.5, 0.5], [2, 1]),
     ],
 )
 def test_rows_are_shared_by_weight(n, weights, rows):
