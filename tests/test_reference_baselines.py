@@ -227,6 +227,8 @@ def test_sleb_removes_greedily_by_calibration_perplexity(k, granularity):
     single = _one_shot(model, rows)
     assert sorted(order) != sorted(sorted(single, key=single.get)[:k])
     assert order[0] != max(single, key=single.get)
+    # Continuing an earlier, shorter order (the benchmark's resume) adds only the missing removals.
+    assert depth_baselines.sleb_order(comp, ctx, k, seed=SEED, tokens=N_TOKENS, start=order[:1]) == order
 
 
 # --- the best of N random profiles, by KL(dense || pruned) ------------------------------------------------------
@@ -253,6 +255,25 @@ def test_random_best_returns_the_lowest_kl_candidate():
     got = depth_baselines.random_best(comp, ctx, seed=seed, tokens=n_tokens, n=n)
     assert got == pool[best]
     assert pool[max(kls, key=kls.get)] != pool[best]  # teeth: the highest-KL candidate is another profile
+
+
+def test_random_best_scores_the_rows_it_sampled():
+    # Seed 0, 64 tokens: the pool's best on its 2 sampled rows is not the best on all 8 (the teeth).
+    comp, ctx = _comp(tiny_llama(num_layers=PPL_LAYERS, seed=0), 2, "block")
+    rng = random.Random(0)
+    rows = ctx.sample(rng, 64)
+    pool = [comp.random_profile(rng) for _ in range(8)]
+
+    def best_on(rows_) -> dict:
+        scores = []
+        for profile in pool:
+            comp.apply_profile(profile)
+            scores.append(ctx.kl(rows_))
+        return pool[min(range(len(pool)), key=lambda i: (scores[i], i))]
+
+    expected = best_on(rows)
+    assert expected != best_on(ctx.all_rows())
+    assert depth_baselines.random_best(comp, ctx, seed=0, tokens=64, n=8) == expected
 
 
 @pytest.mark.parametrize(("k", "spread"), [(2, [2, 6]), (3, [1, 4, 6]), (4, [1, 3, 5, 7])])

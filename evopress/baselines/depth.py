@@ -86,7 +86,7 @@ def _nll_from(ctx: FitnessContext, prefix: list, start: int) -> float:
 def _removal_losses(comp: DepthCompressor, ctx: FitnessContext, rows, removed: list[int]) -> dict[int, float]:
     """Calibration NLL after additionally removing each remaining block, with `removed` already gone."""
     block = DepthCompressor(ctx.adapter, len(removed), "block")
-    base = block.profile_from_blocks(removed) if removed else dict.fromkeys(block.units(), 0)
+    base = block.profile_from_blocks(removed)  # no removal yet: the dense profile
     _dense(comp)
     block.apply_profile(base)
     prefix = ctx.prefix(rows)  # blocks before j are unchanged when j is removed: start there
