@@ -77,3 +77,11 @@ def test_packed_linear_dequantizes_to_the_same_weights():
     for q in gptq(w, h, [3, 6], group_size=32):
         back = unpack_linear(pack_linear("x", q), "x", q.bits, [48, 128])
         assert torch.equal(dequantize(back.codes, back.scale, back.zero), q.dequantize())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_rtn_stores_its_bit_width_and_the_packed_dtypes(bits):
+    q = rtn(torch.randn(4, 16, generator=torch.Generator().manual_seed(bits)), bits, 8)
+    assert q.bits == bits
+    assert q.codes.dtype == torch.uint8 and q.zero.dtype == torch.uint8 and q.scale.dtype == torch.float16
+    assert int(q.codes.max()) <= 2**bits - 1

@@ -46,6 +46,27 @@ def test_sparsegpt_beats_magnitude_on_layer_error():
         assert reconstruction_error(w, pruned, acc.hessian) < 0.8 * reconstruction_error(w, mag, acc.hessian)
 
 
+def test_reconstruction_error_is_the_mean_squared_output_error():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 24, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 24, generator=g)
+    acc = HessianAccumulator(24)
+    acc.add(x.float())
+    pruned = magnitude_prune(w, 100)
+    direct = float(((x @ (w - pruned).double().T) ** 2).sum() / len(x))  # ||X (W - W')^T||^2 / tokens
+    assert reconstruction_error(w, pruned, acc.hessian) == pytest.approx(direct, rel=1e-5)
+
+
+@pytest.mark.parametrize("count", [0, 1, 37])
+def test_magnitude_prune_zeroes_exactly_the_smallest(count):
+    w = torch.randn(6, 10, generator=torch.Generator().manual_seed(count))
+    out = magnitude_prune(w, count)
+    zeroed = (out == 0) & (w != 0)
+    assert int(zeroed.sum()) == count and torch.equal(out[~zeroed], w[~zeroed])
+    if count:
+        assert w[zeroed].abs().max() <= w[~zeroed].abs().min()
+
+
 def test_each_level_file_has_exact_zero_count(built):
     db = LevelDatabase.open(built)
     assert db.manifest["complete"]

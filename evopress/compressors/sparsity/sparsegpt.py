@@ -90,9 +90,8 @@ def _block_mask(w1: torch.Tensor, d: torch.Tensor, counts: list[int]) -> torch.T
 def magnitude_prune(weight: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` smallest-magnitude weights of the linear set to zero (the floor baseline)."""
     out = weight.clone()
-    if count > 0:
-        flat = out.view(-1)
-        flat[flat.abs().float().topk(count, largest=False).indices] = 0
+    flat = out.view(-1)
+    flat[flat.abs().float().topk(count, largest=False).indices] = 0  # count 0: no index, nothing changes
     return out
 
 
