@@ -46,6 +46,21 @@ def test_sparsegpt_beats_magnitude_on_layer_error():
         assert reconstruction_error(w, pruned, acc.hessian) < 0.8 * reconstruction_error(w, mag, acc.hessian)
 
 
+@pytest.mark.parametrize(
+    "count, rows, widths, parts",
+    [
+        (10, 1, [4, 3], [6, 4]),  # remainders .71 and .29: the extra zero goes to the first block
+        (10, 1, [5, 2], [7, 3]),  # remainders .14 and .86: to the second, though its share is smaller
+        (12, 2, [2, 2, 2], [4, 4, 4]),
+        (7, 3, [1, 1, 1], [3, 2, 2]),  # equal remainders: the earliest blocks first
+    ],
+)
+def test_split_count_gives_the_largest_remainders_the_rest(count, rows, widths, parts):
+    from evopress.compressors.sparsity.sparsegpt import split_count
+
+    assert split_count(count, rows, widths) == parts and sum(parts) == count
+
+
 def test_reconstruction_error_is_the_mean_squared_output_error():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(300, 24, generator=g, dtype=torch.float64)

@@ -69,19 +69,18 @@ def _sweep(wt: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, i1: int, i2: i
         col = w1[:, j]  # [L, rows]
         q = col.masked_fill(mask[:, i1 + j], 0.0)
         err = (col - q) / u1[j, j]
-        if j + 1 < i2 - i1:
-            w1[:, j + 1 :] -= u1[j, j + 1 :].view(1, -1, 1) * err.unsqueeze(1)
+        w1[:, j + 1 :] -= u1[j, j + 1 :].unsqueeze(1) * err.unsqueeze(1)  # empty for the last column
         w1[:, j] = q
         err1[:, j] = err
     wt[:, i1:i2] = w1
-    if i2 < wt.shape[1]:
-        wt[:, i2:] -= u[i1:i2, i2:].T @ err1  # lazy batch update of every later column at once
+    wt[:, i2:] -= u[i1:i2, i2:].T @ err1  # lazy batch update of every later column at once (none after the last)
 
 
 def _block_mask(w1: torch.Tensor, d: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Per level, mark the `counts[l]` entries of the block [L, width, rows] with the smallest w^2 / d^2."""
-    score = (w1**2 / d.view(1, -1, 1) ** 2).flatten(1)  # [L, width * rows]
-    order = score.argsort(dim=1, stable=True)  # one sort for all levels (topk with large k is slow on CPU)
+    score = (w1**2 / d.unsqueeze(1) ** 2).flatten(1)  # [L, width * rows]
+    # One sort for all levels (topk with large k is slow on CPU); stable, so tied scores prune the earlier entry.
+    order = score.argsort(stable=True)
     rank_below = torch.arange(score.shape[1]).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
     mask = torch.zeros_like(score, dtype=torch.bool).scatter_(1, order, rank_below)
     return mask.view(w1.shape)
