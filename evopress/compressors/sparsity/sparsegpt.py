@@ -73,7 +73,8 @@ def _sweep(wt: torch.Tensor, mask: torch.Tensor, u: torch.Tensor, i1: int, i2: i
         w1[:, j] = q
         err1[:, j] = err
     wt[:, i1:i2] = w1
-    wt[:, i2:] -= u[i1:i2, i2:].T @ err1  # lazy batch update of every later column at once (none after the last)
+    # lazy batch update of every later column at once (none after the last block)
+    wt[:, i2:] -= u[i1:i2, i2:].T @ err1
 
 
 def _block_mask(w1: torch.Tensor, d: torch.Tensor, counts: list[int]) -> torch.Tensor:
