@@ -1,11 +1,15 @@
-"""Depth pruning on the default model: held-out perplexity of EvoPress (sublayer and block granularity) vs every
-baseline at k = 4, 8, 12 of 30 blocks removed, plus the dense model; and seconds per generation with and without
-parent-prefix reuse, side by side in one run.
+"""Depth pruning on the default model: held-out perplexity and KL to dense of EvoPress (sublayer and block
+granularity) vs every baseline at k = 4, 8, 12 of 30 blocks removed, plus the dense model; and seconds per
+generation with and without parent-prefix reuse, side by side in one run.
 
-    .venv/bin/python benchmarks/depth_quality.py [--generations 40] [--quick]
+    .venv/bin/python benchmarks/depth_quality.py [--generations 40] [--calibration data/text] [--no-shakespeare]
+
+Calibrates on the pydoc + stdlib-docstrings mix by default (--calibration), with an exact last selection step
+(--tokens 512,all); evaluates on 32 x 512 held-out tokens of the calibration domain (first table) and of
+Shakespeare's plays (second table; benchmarks/corpora.py, benchmarks/quality_common.py).
 
 Writes benchmarks/results/depth_quality.json and depth_quality.md. Resumable: finished cells are kept in the json
-and skipped; searches checkpoint every generation under benchmarks/results/depth_quality_runs/.
+and skipped; searches checkpoint every generation under data/benchmarks/depth_quality_runs/<calibration>/.
 """
 
 from __future__ import annotations
@@ -19,12 +23,25 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from quality_common import (
+    Row,
+    add_data_arguments,
+    adopt_data,
+    build_references,
+    calibration_data,
+    calibration_line,
+    describe,
+    heldout_sets,
+    measure,
+    missing,
+    quality_tables,
+    search_tokens,
+)
 
 from evopress.adapter import ModelAdapter
 from evopress.baselines.depth import BASELINES, shortened_order, sleb_order
 from evopress.compressors.depth import make
 from evopress.data import load_tokens
-from evopress.evaluate import evaluate_live, evaluate_profile
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.models import load_model
 from evopress.search import FitnessContext, SearchConfig, run_search
@@ -32,12 +49,23 @@ from evopress.search import FitnessContext, SearchConfig, run_search
 RESULTS = Path("benchmarks/results")
 OUT_JSON = RESULTS / "depth_quality.json"
 OUT_MD = RESULTS / "depth_quality.md"
-RUNS = Path("data/benchmarks/depth_quality_runs")  # checkpoints and the cached dense reference (git-ignored)
 BASELINE_NAMES = ("shortgpt", "window", "shortened_ppl", "sleb", "random")
+ROWS = ("evopress_sublayer", "evopress_block", *BASELINE_NAMES)
+EMPTY = {"cells": {}}
+
+
+def runs_dir(bench_data: str | Path, data) -> Path:
+    """Checkpoints and the cached dense reference (git-ignored), per calibration set: they do not record it."""
+    return Path(bench_data) / "depth_quality_runs" / data.tag
+
+
+def _set_out(path: str) -> None:
+    global OUT_JSON, OUT_MD
+    OUT_JSON, OUT_MD = Path(path), Path(path).with_suffix(".md")
 
 
 def load_results() -> dict:
-    return json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {"cells": {}}
+    return json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else json.loads(json.dumps(EMPTY))
 
 
 def save(results: dict) -> None:
@@ -47,20 +75,10 @@ def save(results: dict) -> None:
 
 def markdown(results: dict) -> str:
     cells, ks = results["cells"], results.get("ks", [])
-    rows = ["evopress_sublayer", "evopress_block", *BASELINE_NAMES]
-    lines = [
-        "| method | " + " | ".join(f"k={k} ppl" for k in ks) + " |",
-        "| --- |" + " --- |" * len(ks),
-    ]
-    dense = cells.get("dense", {}).get("perplexity")
-    lines.append("| dense | " + " | ".join(f"{dense:.2f}" if dense else "-" for _ in ks) + " |")
-    for name in rows:
-        vals = [cells.get(f"{name}/k{k}", {}).get("perplexity") for k in ks]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" if v else "-" for v in vals) + " |")
+    lines = quality_tables(results, [(f"k{k}", f"k={k}") for k in ks], [Row(n, n) for n in ROWS])
     searched = [(key, c) for key, c in cells.items() if key.startswith("evopress_") and "initial_source" in c]
     if searched:
         lines += [
-            "",
             "| search | started from | start KL | final KL | generations | tokens per step | s/generation | minutes |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
@@ -83,9 +101,8 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         f"search settings: {json.dumps(results.get('search_config'))}",
-        f"held-out sequences: {results.get('heldout_rows')} x 512 tokens; calibration sequences sampled: "
-        f"{results.get('calibration_rows')}; baseline tokens: {results.get('baseline_tokens')}; "
-        f"dtype {results.get('dtype')}, {results.get('threads')} torch thread(s)",
+        f"{calibration_line(results, results.get('calibration_rows'))}; baseline tokens: "
+        f"{results.get('baseline_tokens')}; dtype {results.get('dtype')}, {results.get('threads')} torch thread(s)",
         "",
     ]
     return "\n".join(lines)
@@ -115,7 +132,7 @@ def speed_run(adapter, ctx, config: SearchConfig, k: int, generations: int) -> d
     return out
 
 
-def baseline_cell(adapter, ctx, heldout, name, k, k_max, args, sleb_cache) -> dict:
+def baseline_cell(adapter, ctx, sets, name, k, k_max, args, sleb_cache) -> dict:
     t = time.perf_counter()
     comp = make(adapter, k, options={"granularity": "sublayer" if name == "random" else "block"})
     if name in ("sleb", "shortened_ppl"):  # orders: the answer for k is the first k (kept in the json)
@@ -133,7 +150,8 @@ def baseline_cell(adapter, ctx, heldout, name, k, k_max, args, sleb_cache) -> di
     else:
         profile = BASELINES[name](comp, ctx, seed=0, tokens=args.baseline_tokens)
         seconds = time.perf_counter() - t
-    cell = {**evaluate_profile(adapter, comp, profile, heldout), "removed": comp.removed_blocks(profile)}
+    comp.apply_profile(profile)
+    cell = {**measure(adapter, sets), "removed": comp.removed_blocks(profile)}
     adapter.restore_all()
     return {**cell, "seconds": seconds}
 
@@ -147,12 +165,13 @@ def config_tag(config: SearchConfig) -> str:
     return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
 
 
-def search_cell(adapter, ctx, heldout, config, gran, k, cells) -> dict:
+def search_cell(adapter, ctx, sets, config, gran, k, cells, runs: Path) -> dict:
     comp = make(adapter, k, options={"granularity": gran})
     seeds = seed_profiles(comp, cells, config.seed_baselines, k)
-    res = run_search(comp, ctx, config, RUNS / f"{gran}_k{k}_{config_tag(config)}", seeds=seeds)
+    res = run_search(comp, ctx, config, runs / f"{gran}_k{k}_{config_tag(config)}", seeds=seeds)
+    comp.apply_profile(res.profile)
     cell = {
-        **evaluate_profile(adapter, comp, res.profile, heldout),
+        **measure(adapter, sets),
         "removed": comp.removed_blocks(res.profile),
         "fitness": res.fitness,
         "initial_fitness": res.initial_fitness,
@@ -166,13 +185,15 @@ def search_cell(adapter, ctx, heldout, config, gran, k, cells) -> dict:
 
 
 def cached_context(adapter, calibration, args) -> FitnessContext:
-    """The dense top-512 reference on the calibration rows, cached on disk (minutes on this CPU)."""
+    """The dense top-512 reference on the calibration rows, cached on disk (minutes on this CPU) under the
+    rows' own hash: a cache made on other rows can never be read for these."""
     from safetensors.torch import load_file
 
     from evopress.fitness import DenseReference
     from evopress.io import atomic_save_safetensors
 
-    path = RUNS / f"dense_ref_{args.calibration_rows}rows_{args.dtype}.safetensors"
+    rows = hashlib.sha256(calibration.numpy().tobytes()).hexdigest()[:12]
+    path = Path(args.runs) / f"dense_ref_{len(calibration)}rows_{rows}_{args.dtype}.safetensors"
     if path.exists():
         t = load_file(path)
         return FitnessContext(adapter, calibration, DenseReference(512, t["logp"], t["index"]))
@@ -181,15 +202,13 @@ def cached_context(adapter, calibration, args) -> FitnessContext:
     return ctx
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="data/model")
-    ap.add_argument("--data", default="data/text")
+    add_data_arguments(ap, tokens="512,all")
     ap.add_argument("--ks", default="4,8,12")
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--offspring", type=int, default=6)
     ap.add_argument("--survivors", default="2,1")
-    ap.add_argument("--tokens", default="512,512")
     ap.add_argument("--baseline-tokens", type=int, default=512)
     ap.add_argument("--speed-generations", type=int, default=1)
     ap.add_argument("--initially-generated", type=int, default=16, help="random starting candidates")
@@ -206,12 +225,36 @@ def main() -> None:
     ap.add_argument(
         "--calibration-rows", type=int, default=16, help="calibration sequences the search samples"
     )
-    ap.add_argument("--heldout-rows", type=int, default=8, help="held-out sequences for perplexity")
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (2 threads on a shared 2-core CPU spin)"
     )
+    ap.add_argument("--out", default=str(OUT_JSON))
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the json and stop")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def search_config(args) -> SearchConfig:
+    tokens, last = search_tokens(args.tokens, args.calibration_rows)
+    return SearchConfig(
+        generations=args.generations,
+        offspring=args.offspring,
+        survivors=tuple(int(s) for s in args.survivors.split(",")),
+        tokens=tokens,
+        seed=0,
+        init="random",
+        initially_generated=args.initially_generated,
+        initial_tokens=args.initial_tokens or last,
+        seed_baselines=tuple(n for n in args.seed_baselines.split(",") if n),
+    )
+
+
+def log(key: str, cell: dict) -> None:
+    print(f"{key}: {describe(cell)} ({cell['seconds']:.0f}s)", flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    _set_out(args.out)
     if args.report_only:
         save(load_results())
         print(markdown(load_results()))
@@ -219,18 +262,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ks = [int(k) for k in args.ks.split(",")]
-    config = SearchConfig(
-        generations=args.generations,
-        offspring=args.offspring,
-        survivors=tuple(int(s) for s in args.survivors.split(",")),
-        tokens=tuple(int(t) for t in args.tokens.split(",")),
-        seed=0,
-        init="random",
-        initially_generated=args.initially_generated,
-        initial_tokens=args.initial_tokens or int(args.tokens.split(",")[-1]),
-        seed_baselines=tuple(n for n in args.seed_baselines.split(",") if n),
-    )
-    results = load_results()
+    config = search_config(args)
+    data = calibration_data(args.calibration, args.model, args.bench_data, args.heldout_rows)
+    sets, note = heldout_sets(args, data)
+    args.runs = runs_dir(args.bench_data, data)
+    results = adopt_data(load_results(), OUT_JSON, data, sets, note, EMPTY)
     results.update(
         ks=sorted(set(results.get("ks", [])) | set(ks)),  # a run over some levels keeps the others' columns
         search_config=asdict(config),
@@ -238,40 +274,40 @@ def main() -> None:
         dtype=args.dtype,
         threads=args.threads,
         calibration_rows=args.calibration_rows,
-        heldout_rows=args.heldout_rows,
     )
     model, _ = load_model(args.model, dtype=args.dtype)
     adapter = ModelAdapter(model)
-    calibration = load_tokens(args.data, "calibration")[: args.calibration_rows]
-    heldout = load_tokens(args.data, "heldout")[: args.heldout_rows]
+    calibration = load_tokens(data.folder, "calibration")[: args.calibration_rows]
     t0 = time.perf_counter()
     ctx = cached_context(adapter, calibration, args)
-    print(f"dense reference built in {time.perf_counter() - t0:.0f}s", flush=True)
+    build_references(adapter, sets)
+    print(f"dense references built in {time.perf_counter() - t0:.0f}s", flush=True)
     cells = results["cells"]
-    if "dense" not in cells:
-        cells["dense"] = evaluate_live(adapter, heldout)
+    if missing(cells.get("dense"), sets):
+        t = time.perf_counter()
+        cells["dense"] = {**measure(adapter, sets), "seconds": time.perf_counter() - t}
         save(results)
-    print(f"dense: {cells['dense']}", flush=True)
+    log("dense", cells["dense"])
     sleb_cache = results.setdefault("orders", {})
     for k in ks:  # baselines first (cheap), then the searches: the main (sublayer) row before the block row
         for name in BASELINE_NAMES:
             if name == "sleb":
                 continue  # the costliest baseline (k x n removals) runs after the main search row
             key = f"{name}/k{k}"
-            if key not in cells:
-                cells[key] = baseline_cell(adapter, ctx, heldout, name, k, max(ks), args, sleb_cache)
+            if missing(cells.get(key), sets):
+                cells[key] = baseline_cell(adapter, ctx, sets, name, k, max(ks), args, sleb_cache)
                 save(results)
-            print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({cells[key]['seconds']:.0f}s)", flush=True)
+            log(key, cells[key])
     grans = args.grans.split(",")
     order = [g for g in ("sublayer", "speed", "sleb", "block") if g in grans or g in ("speed", "sleb")]
     for gran in order:  # the main row first, then timing, SLEB, the block row
         if gran == "sleb":
             for k in ks:
                 key = f"sleb/k{k}"
-                if key not in cells:
-                    cells[key] = baseline_cell(adapter, ctx, heldout, "sleb", k, max(ks), args, sleb_cache)
+                if missing(cells.get(key), sets):
+                    cells[key] = baseline_cell(adapter, ctx, sets, "sleb", k, max(ks), args, sleb_cache)
                     save(results)
-                print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({cells[key]['seconds']:.0f}s)", flush=True)
+                log(key, cells[key])
             continue
         if gran == "speed":
             if "speed" not in results and args.speed_generations:
@@ -283,10 +319,11 @@ def main() -> None:
             continue
         for k in ks:
             key = f"evopress_{gran}/k{k}"
-            if cells.get(key, {}).get("config") != asdict(config):  # other settings: search again
-                cells[key] = search_cell(adapter, ctx, heldout, config, gran, k, cells)
+            cell = cells.get(key)
+            if missing(cell, sets) or cell.get("config") != asdict(config):  # other settings: search again
+                cells[key] = search_cell(adapter, ctx, sets, config, gran, k, cells, args.runs)
                 save(results)
-            print(f"{key}: ppl {cells[key]['perplexity']:.2f} ({cells[key]['seconds']:.0f}s)", flush=True)
+            log(key, cells[key])
     print(markdown(results))
 
 

@@ -1,14 +1,20 @@
-"""Quantization on the default model: held-out perplexity of EvoPress, DP, uniform GPTQ (integer targets) and
-dense at 2.5/3/3.5/4 average bits per parameter (over the block linears); bytes on disk of every stitched
-(bit-packed) model against the float model; database build time and size.
+"""Quantization on the default model: held-out perplexity and KL to dense of EvoPress, DP, uniform GPTQ (integer
+targets) and dense at 2.5/3/3.5/4 average bits per parameter (over the block linears); bytes on disk of every
+stitched (bit-packed) model against the float model; database build time and size.
 
     .venv/bin/python benchmarks/quant_quality.py [--targets 2.5,3,3.5,4] [--generations 30]
 
-Writes benchmarks/results/quant_quality.json and quant_quality.md. Resumable: the database resumes, searches
-checkpoint every generation under data/search/quant-<target>, the DP's per-layer errors are kept in the json,
+Calibrates on the pydoc + stdlib-docstrings mix by default (--calibration); evaluates every row on 32 x 512 held-out
+tokens of the calibration domain (first table) and of Shakespeare's plays (second table; benchmarks/corpora.py,
+benchmarks/quality_common.py). Every row uses the one GPTQ database.
+
+Writes benchmarks/results/quant_quality.json and quant_quality.md. Resumable: the database resumes (under
+data/benchmarks/db/<calibration>/quantization), searches checkpoint every generation under
+data/benchmarks/search/<calibration>/quant-<target>-<settings>, the DP's per-layer errors are kept in the json,
 finished cells are skipped. Settings are scaled for a shared 2-core CPU (see --help and the json's "settings"):
 one GPTQ database at 2..6 bits, group size 64, Hessians from 32 x 512 calibration tokens, inputs propagated at
-3 bits; search: 8 offspring, selection on 512 then 2048 tokens, bfloat16 forward; DP errors on 1024 tokens.
+3 bits; search: 8 offspring, selection on 512 tokens then on every calibration row (exact), bfloat16 forward;
+DP errors on 1024 tokens.
 """
 
 from __future__ import annotations
@@ -22,13 +28,26 @@ import time
 from pathlib import Path
 
 import torch
+from quality_common import (
+    Row,
+    add_data_arguments,
+    adopt_data,
+    build_references,
+    calibration_data,
+    calibration_line,
+    describe,
+    heldout_sets,
+    measure,
+    missing,
+    quality_tables,
+    search_tokens,
+)
 
 from evopress.adapter import ModelAdapter
 from evopress.baselines import quantization as qbase
 from evopress.compressors.quantization import build_database, make, stitch
 from evopress.data import load_tokens
-from evopress.evaluate import evaluate_live, evaluate_profile
-from evopress.fitness import DenseReference, perplexity
+from evopress.fitness import perplexity
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.models import load_model, parse_dtype, read_manifest
 from evopress.packing import load_packed
@@ -38,6 +57,7 @@ RESULTS = Path("benchmarks/results")
 OUT_JSON = RESULTS / "quant_quality.json"
 OUT_MD = RESULTS / "quant_quality.md"
 ROWS = ("evopress", "dp", "uniform")
+EMPTY = {"cells": {}}
 
 
 def _set_out(path: str) -> None:
@@ -46,7 +66,7 @@ def _set_out(path: str) -> None:
 
 
 def load_results() -> dict:
-    return json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {"cells": {}}
+    return json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else json.loads(json.dumps(EMPTY))
 
 
 def save(results: dict) -> None:
@@ -54,22 +74,11 @@ def save(results: dict) -> None:
     atomic_write_text(OUT_MD, markdown(results))
 
 
-def _fmt(v, spec=".2f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def markdown(results: dict) -> str:
     cells, targets = results["cells"], results.get("targets", [])
-    lines = ["| method | " + " | ".join(f"{t:g} bits ppl" for t in targets) + " |"]
-    lines.append("| --- |" + " --- |" * len(targets))
-    dense = cells.get("dense", {}).get("perplexity")
-    lines.append("| dense | " + " | ".join(_fmt(dense) for _ in targets) + " |")
-    for name in ROWS:
-        vals = [cells.get(f"{name}/{t}", {}).get("perplexity") for t in targets]
-        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in vals) + " |")
+    lines = quality_tables(results, [(str(t), f"{t:g} bits") for t in targets], [Row(n, n) for n in ROWS])
     float_mb = results.get("float_model_bytes", 0) / 1e6
     lines += [
-        "",
         f"Bytes on disk of the stitched packed models (MB; float32 model: {float_mb:.1f} MB, of which "
         f"{results.get('float_linear_bytes', 0) / 1e6:.1f} MB block linears):",
         "",
@@ -105,7 +114,9 @@ def markdown(results: dict) -> str:
                 f"| {key} | {c['initial_source']} | {start} | {c['fitness']:.4f} | {c['generations']} | "
                 f"{c['median_seconds_per_generation']:.1f} |"
             )
-    lines += ["", f"settings: {json.dumps(results.get('settings'))}", ""]
+    settings = results.get("settings") or {}
+    lines += ["", calibration_line(results, settings.get("calibration_rows"))]
+    lines += ["", f"settings: {json.dumps(settings)}", ""]
     return "\n".join(lines)
 
 
@@ -124,8 +135,9 @@ def _log(info) -> None:
         print(f"  generation {info.generation}: KL {info.fitness:.4f} ({info.seconds:.1f}s)", flush=True)
 
 
-def finish_cell(args, results, key, comp, profile, heldout, heldout_ref, started, extra=None) -> None:
-    metrics = evaluate_profile(comp.adapter, comp, profile, heldout, heldout_ref)
+def finish_cell(args, results, key, comp, profile, sets, started, extra=None) -> None:
+    comp.apply_profile(profile)
+    metrics = measure(comp.adapter, sets)
     metrics["average_bits"] = comp.average_bits(profile)
     metrics["bits_used"] = {str(b): sum(1 for v in profile.values() if v == b) for b in comp.opts.bits}
     metrics.update(extra or {})
@@ -137,37 +149,31 @@ def finish_cell(args, results, key, comp, profile, heldout, heldout_ref, started
     metrics["stitch"] = stitch(Path(args.model), doc, Path(args.db), folder)
     if key == f"evopress/{args.check_packed}":  # the packed folder is a working model with the same quality
         model = load_packed(folder, dtype=parse_dtype(args.dtype))
-        metrics["packed_perplexity"] = perplexity(ModelAdapter(model), heldout, 8)
+        metrics["packed_perplexity"] = perplexity(ModelAdapter(model), sets[0].tokens, 8)
         del model
     results["cells"][key] = {**metrics, "seconds": time.perf_counter() - started}
     save(results)
-    print(
-        f"{key}: ppl {metrics['perplexity']:.2f} kl {metrics.get('kl', float('nan')):.4f} "
-        f"bytes {metrics['stitch']['bytes_total']}",
-        flush=True,
-    )
+    print(f"{key}: {describe(metrics)}, bytes {metrics['stitch']['bytes_total']}", flush=True)
 
 
-def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target: float) -> None:
+def run_target(args, results, adapter, ctx, sets, dense_weights, target: float) -> None:
     cells = results["cells"]
 
     def fresh():
         _restore(adapter, dense_weights)
         return make(adapter, target, db=Path(args.db))
 
-    if float(target).is_integer() and f"uniform/{target}" not in cells:
+    if float(target).is_integer() and missing(cells.get(f"uniform/{target}"), sets):
         started = time.perf_counter()
         comp = fresh()
-        finish_cell(
-            args, results, f"uniform/{target}", comp, qbase.uniform(comp), heldout, heldout_ref, started
-        )
-    if f"dp/{target}" not in cells:
+        finish_cell(args, results, f"uniform/{target}", comp, qbase.uniform(comp), sets, started)
+    if missing(cells.get(f"dp/{target}"), sets):
         started = time.perf_counter()
         comp = fresh()
         if "dp_layer_errors" not in results:  # target-independent: measured once, on the dense model
             n_rows = -(-args.dp_tokens // args.dp_seq)
-            rows = sorted(random.Random(0).sample(range(len(args.calibration)), n_rows))
-            dp_tokens = args.calibration[rows, : args.dp_seq]
+            rows = sorted(random.Random(0).sample(range(len(args.calibration_tokens)), n_rows))
+            dp_tokens = args.calibration_tokens[rows, : args.dp_seq]
             t = time.perf_counter()
             dp_ctx = FitnessContext.build(adapter, dp_tokens, topk=512)
             results["dp_layer_errors"] = qbase.layer_errors(comp, dp_ctx, torch.arange(n_rows))
@@ -175,9 +181,9 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
             save(results)
             print(f"DP per-layer errors in {results['dp_layer_errors_seconds']:.0f}s", flush=True)
         profile = qbase.dp_from_errors(comp, results["dp_layer_errors"])
-        finish_cell(args, results, f"dp/{target}", comp, profile, heldout, heldout_ref, started)
-    config = args.config
-    if cells.get(f"evopress/{target}", {}).get("config") != _jsonable(config):  # other settings: search again
+        finish_cell(args, results, f"dp/{target}", comp, profile, sets, started)
+    config, cell = args.config, cells.get(f"evopress/{target}")
+    if missing(cell, sets) or cell.get("config") != _jsonable(config):  # other settings: search again
         started = time.perf_counter()
         comp = fresh()
         make_seed = {"dp": lambda: qbase.dp_from_errors(comp, results["dp_layer_errors"])}
@@ -194,23 +200,21 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
             "median_seconds_per_generation": statistics.median(h["seconds"] for h in res.history),
             "db": comp.db.stats(),
         }
-        finish_cell(
-            args, results, f"evopress/{target}", comp, res.profile, heldout, heldout_ref, started, extra
-        )
+        finish_cell(args, results, f"evopress/{target}", comp, res.profile, sets, started, extra)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="data/model")
-    ap.add_argument("--data", default="data/text")
-    ap.add_argument("--db", default="data/db/quantization")
-    ap.add_argument("--runs", default="data/search")
-    ap.add_argument("--stitched", default="data/stitched")
+    add_data_arguments(ap, tokens="512,all")
+    ap.add_argument("--db", default="", help="the database ('' = <bench-data>/db/<calibration>/quantization)")
+    ap.add_argument("--runs", default="", help="search checkpoints ('' = <bench-data>/search/<calibration>)")
+    ap.add_argument(
+        "--stitched", default="", help="stitched models ('' = <bench-data>/stitched/<calibration>)"
+    )
     ap.add_argument("--targets", default="2.5,3,3.5,4")
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--offspring", type=int, default=8)
     ap.add_argument("--survivors", default="2,1")
-    ap.add_argument("--tokens", default="512,2048")
     ap.add_argument(
         "--seed-baselines",
         default="dp",
@@ -218,7 +222,6 @@ def main() -> None:
     )
     ap.add_argument("--dp-tokens", type=int, default=1024)
     ap.add_argument("--dp-seq", type=int, default=512, help="sequence length of the DP's error rows")
-    ap.add_argument("--heldout-rows", type=int, default=0, help="held-out sequences evaluated (0 = all)")
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--dtype", default="auto")
@@ -231,22 +234,39 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (2 on this oversubscribed CPU: 14x slower)"
     )
     args = ap.parse_args()
+    tokens, initial_tokens = search_tokens(args.tokens, args.calibration_rows)
+    args.config = SearchConfig(
+        generations=args.generations,
+        offspring=args.offspring,
+        survivors=tuple(int(s) for s in args.survivors.split(",")),
+        tokens=tokens,
+        seed=0,
+        init="uniform",
+        initial_tokens=initial_tokens,
+        seed_baselines=tuple(n for n in args.seed_baselines.split(",") if n),
+    )
+    return args
+
+
+def place_outputs(args, data) -> None:
+    """Database, checkpoints and stitched models per calibration set: none of them records the text it came from."""
+    root = Path(args.bench_data)
+    args.db = args.db or str(root / "db" / data.tag / "quantization")
+    args.runs = args.runs or str(root / "search" / data.tag)
+    args.stitched = args.stitched or str(root / "stitched" / data.tag)
+
+
+def main() -> None:
+    args = parse_args()
     _set_out(args.out)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     targets = [float(t) for t in args.targets.split(",")]
     db_options = {"n_samples": args.n_samples, "group_size": args.group_size}
-    args.config = SearchConfig(
-        generations=args.generations,
-        offspring=args.offspring,
-        survivors=tuple(int(s) for s in args.survivors.split(",")),
-        tokens=tuple(int(t) for t in args.tokens.split(",")),
-        seed=0,
-        init="uniform",
-        initial_tokens=int(args.tokens.split(",")[-1]),
-        seed_baselines=tuple(n for n in args.seed_baselines.split(",") if n),
-    )
-    results = load_results()
+    data = calibration_data(args.calibration, args.model, args.bench_data, args.heldout_rows)
+    place_outputs(args, data)
+    sets, note = heldout_sets(args, data)
+    results = adopt_data(load_results(), OUT_JSON, data, sets, note, EMPTY)
     results["targets"] = sorted(set(results.get("targets", [])) | set(targets))
     results["settings"] = {
         "search": _jsonable(args.config),
@@ -255,10 +275,10 @@ def main() -> None:
         "dp_tokens": args.dp_tokens,
         "dp_seq": args.dp_seq,
         "calibration_rows": args.calibration_rows,
-        "heldout": [args.heldout_rows or len(load_tokens(args.data, "heldout")), 512],
+        "calibration": data.description,
     }
     t = time.perf_counter()
-    db = build_database(Path(args.model), Path(args.data), Path(args.db), db_options)
+    db = build_database(Path(args.model), data.folder, Path(args.db), db_options)
     results["database"] = {
         "build_seconds": db.manifest.get("build_seconds", time.perf_counter() - t),
         "bytes": db.size_on_disk(),
@@ -279,21 +299,18 @@ def main() -> None:
         for i in range(adapter.num_blocks)
         for name, lin in adapter.linears(i).items()
     }
-    calibration, heldout = load_tokens(args.data, "calibration"), load_tokens(args.data, "heldout")
-    heldout = heldout[: args.heldout_rows or len(heldout)]
-    args.calibration = calibration
+    args.calibration_tokens = load_tokens(data.folder, "calibration")
     t0 = time.perf_counter()
-    ctx = FitnessContext.build(adapter, calibration[: args.calibration_rows], topk=512)
-    heldout_ref = DenseReference.build(adapter, heldout, topk=512)
+    ctx = FitnessContext.build(adapter, args.calibration_tokens[: args.calibration_rows], topk=512)
+    build_references(adapter, sets)
     print(f"dense references built in {time.perf_counter() - t0:.0f}s", flush=True)
-    if "dense" not in results["cells"]:
+    if missing(results["cells"].get("dense"), sets):
         started = time.perf_counter()
-        metrics = evaluate_live(adapter, heldout, heldout_ref)
-        results["cells"]["dense"] = {**metrics, "seconds": time.perf_counter() - started}
+        results["cells"]["dense"] = {**measure(adapter, sets), "seconds": time.perf_counter() - started}
         save(results)
-        print(f"dense: ppl {metrics['perplexity']:.2f}", flush=True)
+    print(f"dense: {describe(results['cells']['dense'])}", flush=True)
     for target in targets:
-        run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target)
+        run_target(args, results, adapter, ctx, sets, dense_weights, target)
     print(markdown(results), flush=True)
 
 

