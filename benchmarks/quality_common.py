@@ -30,7 +30,7 @@ import torch
 from evopress.config import ALL, parse_token_steps
 from evopress.data import DataSpec, load_tokens
 from evopress.fitness import DenseReference, perplexity_and_kl
-from evopress.io import atomic_save_safetensors, atomic_write_json, sha256_file
+from evopress.io import atomic_write_json, sha256_file
 
 DEFAULT_MIX = {"builtin:pydoc": 0.5, "builtin:docstrings": 0.5}
 BENCH_DATA = Path("data/benchmarks")
@@ -164,31 +164,9 @@ def prepare(model_dir: Path, spec: DataSpec, folder: Path) -> Path:
     if (folder / PREPARED).exists() and json.loads((folder / PREPARED).read_text()) == stamp:
         return folder
     print(f"preparing {folder} from {spec.source}", flush=True)
-    manifest = prepare_data(model_dir, spec, folder)
-    interleave_calibration(folder, manifest)
+    prepare_data(model_dir, spec, folder)  # a mix's rows come interleaved: any prefix keeps the mix
     atomic_write_json(folder / PREPARED, stamp)
     return folder
-
-
-def interleaved_order(counts: list[int]) -> list[int]:
-    """Rows stacked source after source (as prepare_data writes a mix), reordered so that every prefix holds
-    each source's share: database builds and searches take the first rows, which would be one source only."""
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    keys = [((j + 0.5) / n, s, starts[s] + j) for s, n in enumerate(counts) for j in range(n)]
-    return [row for _, _, row in sorted(keys)]
-
-
-def interleave_calibration(folder: Path, manifest: dict) -> None:
-    counts = [part["calibration_rows"] for part in manifest.get("mix", [])]
-    if len(counts) < 2:
-        return
-    tokens = load_tokens(folder, "calibration")[interleaved_order(counts)].contiguous()
-    atomic_save_safetensors(folder / "calibration.safetensors", {"input_ids": tokens})
-    manifest["sha256"]["calibration.safetensors"] = sha256_file(folder / "calibration.safetensors")
-    manifest["calibration_order"] = (
-        "interleaved by source (benchmarks/quality_common.py): prefixes keep the mix"
-    )
-    atomic_write_json(folder / "data.json", manifest)
 
 
 # --- held-out sets ---------------------------------------------------------------------------------------------

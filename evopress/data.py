@@ -10,7 +10,7 @@ Sources:
 
 A mix of sources with weights (`source: {"builtin:pydoc": 0.5, "builtin:docstrings": 0.5}`) gives each source its
 share of the calibration and of the held-out rows (largest remainder, at least one calibration row each), so a
-search calibrated on it cannot fit one domain only.
+search calibrated on it cannot fit one domain only. Rows are interleaved so any first n rows keep the mix.
 
 The split is made on whole documents, ordered by the sha256 of their text, so it is the same on every run and
 on every machine, and no document contributes to both sides. Held-out documents are taken first until they
@@ -172,8 +172,16 @@ def split_rows(n: int, weights: list[float]) -> list[int]:
     return rows
 
 
+def interleaved_order(counts: list[int]) -> list[int]:
+    """Rows stacked source after source, reordered so every prefix holds each source's share (within one row):
+    database builds take the first `n_samples` rows, which would otherwise come from the first source only."""
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    keys = [((j + 0.5) / n, s, starts[s] + j) for s, n in enumerate(counts) for j in range(n)]
+    return [row for _, _, row in sorted(keys)]
+
+
 def mix_and_tokenize(spec: DataSpec, tokenizer, read=None) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """Calibration and held-out rows of every source of the spec, each with its share of the rows."""
+    """Calibration and held-out rows of every source of the spec, each with its share of the rows, interleaved."""
     read = read or (lambda source: read_documents(source, spec.field))
     mix = source_weights(spec)
     calib_rows = split_rows(spec.n_calibration, [w for _, w in mix])
@@ -199,7 +207,9 @@ def mix_and_tokenize(spec: DataSpec, tokenizer, read=None) -> tuple[torch.Tensor
                 "heldout_rows": n_held,
             }
         )
-    return torch.cat(calibration), torch.cat(heldout), parts
+    calibration_order = interleaved_order([p["calibration_rows"] for p in parts])
+    heldout_order = interleaved_order([p["heldout_rows"] for p in parts])
+    return torch.cat(calibration)[calibration_order], torch.cat(heldout)[heldout_order], parts
 
 
 def split_and_tokenize(docs: list[str], tokenizer, spec: DataSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,17 +94,6 @@ def test_download_runs_pip_only_when_the_sdist_is_missing(tmp_path, monkeypatch)
 
 
 # --- calibration rows, token steps -----------------------------------------------------------------------------
-@pytest.mark.parametrize("counts", [[32, 32], [3, 1], [5, 2, 1], [4]])
-def test_interleaved_order_keeps_the_mix_in_every_prefix(counts):
-    order = qc.interleaved_order(counts)
-    assert sorted(order) == list(range(sum(counts)))
-    source = [s for s, n in enumerate(counts) for _ in range(n)]
-    total = sum(counts)
-    for n in range(1, total + 1):
-        seen = [sum(source[r] == s for r in order[:n]) for s in range(len(counts))]
-        assert all(abs(seen[s] - n * counts[s] / total) <= 1 for s in range(len(counts)))
-
-
 def test_search_tokens_end_in_all_and_score_the_starts_on_every_row():
     assert qc.search_tokens("512,all", 16) == ((512, "all"), 16 * 512)
     assert qc.search_tokens("256,1024", 4) == ((256, 1024), 1024)

@@ -105,7 +105,7 @@ def test_rows_are_shared_by_weight(n, weights, rows):
 
 
 def test_a_mix_gives_each_source_its_rows_and_no_shared_text(tokenizer):
-    from evopress.data import mix_and_tokenize
+    from evopress.data import interleaved_order, mix_and_tokenize
 
     corpora = {"a": _docs(40), "b": [f"other text {i}: " + "dolor sit " * (4 + i % 5) for i in range(40)]}
     spec = DataSpec(source={"a": 3.0, "b": 1.0}, seq_len=16, n_calibration=8, n_heldout=4)
@@ -118,10 +118,14 @@ def test_a_mix_gives_each_source_its_rows_and_no_shared_text(tokenizer):
     alone_cal, alone_held = split_and_tokenize(
         corpora["b"], tokenizer, DataSpec(seq_len=16, n_calibration=2, n_heldout=1)
     )
-    assert torch.equal(cal[6:], alone_cal) and torch.equal(
-        held[3:], alone_held
-    )  # each source split as on its own
-    text = bytes(cal[:6].flatten().clamp_max(255).tolist()).decode("utf-8", "ignore")
+    # each source split as on its own; rows come interleaved, source b's where the order put them
+    order = interleaved_order([6, 2])
+    assert torch.equal(cal[[order.index(6), order.index(7)]], alone_cal)
+    assert torch.equal(held[[interleaved_order([3, 1]).index(3)]], alone_held)
+    assert order != sorted(order)  # interleaved, not stacked
+    text = bytes(cal[[order.index(r) for r in range(6)]].flatten().clamp_max(255).tolist()).decode(
+        "utf-8", "ignore"
+    )
     assert "lorem" in text and "dolor" not in text
 
 
@@ -145,3 +149,16 @@ def test_a_mix_from_params_yaml_is_typed():
     assert spec.source == {"builtin:pydoc": 1.0, "builtin:docstrings": 0.5}
     with pytest.raises(UserError, match="data.source: expected str or dict"):
         from_tree(DataSpec, {"source": ["builtin:pydoc"]}, "data")
+
+
+@pytest.mark.parametrize("counts", [[32, 32], [3, 1], [5, 2, 1], [4]])
+def test_interleaved_order_keeps_the_mix_in_every_prefix(counts):
+    from evopress.data import interleaved_order
+
+    order = interleaved_order(counts)
+    assert sorted(order) == list(range(sum(counts)))
+    source = [s for s, n in enumerate(counts) for _ in range(n)]
+    total = sum(counts)
+    for n in range(1, total + 1):
+        seen = [sum(source[r] == s for r in order[:n]) for s in range(len(counts))]
+        assert all(abs(seen[s] - n * counts[s] / total) <= 1 for s in range(len(counts)))
