@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # pip on this kind of machine warns about every absent local index folder; those lines are noise.
 QUIET := 2>&1 | { grep -v "^WARNING: Location" || true; }
 
-.PHONY: setup test test-slow run lint format
+.PHONY: setup test test-slow run lint format mutation
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,14 @@ test: setup
 
 test-slow: setup
 	$(VENV)/bin/pytest -m slow
+
+# Mutation testing (outside the default suite; ~1 hour on 2 cores): mutmut mutates GPTQ, SparseGPT, the mutation
+# operator, scoring/selection, fitness and the baselines ([tool.mutmut] in pyproject.toml), runs the tests that
+# reach each mutant, and resumes where it stopped; the summary per module lands in benchmarks/results/mutation.md.
+mutation: setup
+	$(PY) -m pip install -q 'mutmut==3.8.1' $(QUIET)
+	$(VENV)/bin/mutmut run --max-children 2
+	$(PY) benchmarks/mutation_summary.py
 
 # The whole DVC pipeline through the Prefect flow (flows/compress.py); ends with the results table and the
 # `mlflow ui --backend-store-uri ...` line. Settings: params.yaml.
