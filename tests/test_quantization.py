@@ -108,13 +108,25 @@ def test_dp_is_optimal_for_its_additive_objective():
             if sum(w * b for w, b in zip(weights, c, strict=True)) == budget
         ]
         if not feasible:
-            with pytest.raises(UserError):
+            with pytest.raises(UserError, match=f"^no profile spends exactly {budget} budget units$"):
                 qbase.solve_dp(weights, errors, levels, budget)
             continue
         best = min(sum(errors[i][levels.index(b)] for i, b in enumerate(c)) for c in feasible)
         got = qbase.solve_dp(weights, errors, levels, budget)
         assert sum(w * b for w, b in zip(weights, got, strict=True)) == budget
         assert sum(errors[i][levels.index(b)] for i, b in enumerate(got)) == pytest.approx(best, abs=1e-12)
+
+
+def test_dp_budget_outside_the_grid_is_a_one_line_error():
+    with pytest.raises(UserError, match=r"^DP budget 31 outside 0\.\.30$"):
+        qbase.solve_dp([1, 2, 3], [[0.0, 0.0]] * 3, [4, 5], 31)
+
+
+def test_a_target_off_the_weight_grid_is_a_one_line_error(prepared, built):
+    comp = _comp(prepared, built, 3)
+    comp.target = 3 + 1 / (7 * comp.total_params())  # a fraction of one weight's bit: no profile spends it
+    with pytest.raises(UserError, match="^target 3.0.* average bits is not reachable exactly in steps of"):
+        qbase.budget_units(comp)
 
 
 def test_dp_and_uniform_baselines_on_budget(prepared, built):
@@ -128,6 +140,11 @@ def test_dp_and_uniform_baselines_on_budget(prepared, built):
     assert all(torch.equal(comp._linear(u).weight, w) for u, w in dense.items())  # left dense
     errs = comp.layer_errors["block.0.self_attn.q_proj"]
     assert errs[0] > errs[-1]  # 2 bits hurts more than 4
+    # the errors come from the rows its seed draws (64 of the 8 x 32 tokens), and the profile is their DP optimum
+    rows = ctx.sample(random.Random(0), 64)
+    assert comp.layer_errors == qbase.layer_errors(comp, ctx, rows)
+    assert profile == qbase.dp_from_errors(comp, comp.layer_errors)
+    assert comp.layer_errors != qbase.layer_errors(comp, ctx, ctx.sample(random.Random(1), 64))
     with pytest.raises(UserError, match="integer target"):
         qbase.uniform(comp, ctx)
     assert set(qbase.uniform(_comp(prepared, built, 3), ctx).values()) == {3}
