@@ -122,6 +122,22 @@ def test_dp_budget_outside_the_grid_is_a_one_line_error():
         qbase.solve_dp([1, 2, 3], [[0.0, 0.0]] * 3, [4, 5], 31)
 
 
+def test_dp_budget_zero_is_in_range_but_unreachable():
+    with pytest.raises(UserError, match="^no profile spends exactly 0 budget units$"):
+        qbase.solve_dp([1, 2], [[0.0, 0.0]] * 2, [2, 3], 0)
+
+
+def test_dp_separates_errors_float32_cannot():
+    # levels (1, 2) cost 2 - 2e-9 against (2, 1)'s 2 + 1e-9: below float32's resolution (a tie there, which
+    # goes to (2, 1)), exact in float64.
+    errors = [[1.0, 1.0 + 1e-9], [1.0, 1.0 - 2e-9]]
+    assert qbase.solve_dp([1, 1], errors, [1, 2], 3) == [1, 2]
+
+
+def test_dp_ties_go_to_the_first_listed_level_of_the_later_items():
+    assert qbase.solve_dp([1, 1], [[0.0, 0.0], [0.0, 0.0]], [1, 2], 3) == [2, 1]
+
+
 def test_a_target_off_the_weight_grid_is_a_one_line_error(prepared, built):
     comp = _comp(prepared, built, 3)
     comp.target = 3 + 1 / (7 * comp.total_params())  # a fraction of one weight's bit: no profile spends it
