@@ -74,3 +74,18 @@ def test_one_pass_evaluation_equals_the_two_separate_ones(llama, tokens, topk):
     assert kl > 1e-6  # the perturbation is visible
     assert ppl == pytest.approx(perplexity(adapter, tokens, batch_size=3), rel=1e-6)
     assert kl == pytest.approx(mean_kl(adapter, tokens, ref, batch_size=3), rel=1e-6)
+
+
+def test_token_kl_is_per_token_and_matches_the_definition():
+    from evopress.fitness import token_kl_full, token_kl_topk
+
+    g = torch.Generator().manual_seed(3)
+    logits, ref_logits = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
+    ref_logp = torch.log_softmax(ref_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    expected = [float((ref_logp[t].exp() * (ref_logp[t] - q[t])).sum()) for t in range(5)]
+    full = token_kl_full(logits, ref_logp.float())
+    assert full.shape == (5,) and full.tolist() == pytest.approx(expected, rel=1e-5)
+    top = ref_logp.float().topk(11, dim=-1)  # K = vocabulary: the tail bin is empty, top-K KL is the full KL
+    topk = token_kl_topk(logits, top.values, top.indices.to(torch.int32))
+    assert topk.shape == (5,) and topk.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-6)

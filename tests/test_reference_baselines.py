@@ -18,6 +18,7 @@ from evopress.adapter import ModelAdapter
 from evopress.baselines import depth as depth_baselines
 from evopress.baselines import sparsity as owl_baselines
 from evopress.compressors import depth, sparsity
+from evopress.errors import UserError
 from evopress.scoring import FitnessContext
 
 TOKENS = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
@@ -432,3 +433,76 @@ def test_owl_reads_its_rows_and_applies_lambda_and_m():
     # Teeth: lambda and M swapped, or M ignored (default 5), give other profiles.
     swapped = owl_baselines.outlier_ratios(comp, norms, 5.0)
     assert owl_baselines.profile_for_block_sparsity(comp, _owl_reference_sparsity(swapped, 0.5, lam)) != got
+
+
+# --- OWL's placement on the level grid, and its options --------------------------------------------------------
+class _GridComp:
+    """The part of a sparsity compressor profile_for_block_sparsity reads, one unit per block, with size 1, base
+    0 and step 1: a unit's ideal level is then its block's value itself."""
+
+    def __init__(self, bounds: list[tuple[int, int]]):
+        from types import SimpleNamespace
+
+        self._units = [f"block.{i}.mlp.down_proj" for i in range(len(bounds))]
+        self._levels = {u: list(range(lo, hi + 1)) for u, (lo, hi) in zip(self._units, bounds, strict=True)}
+        self.grid = SimpleNamespace(
+            sizes=dict.fromkeys(self._units, 1), base=dict.fromkeys(self._units, 0), step=1
+        )
+
+    def units(self):
+        return self._units
+
+    def levels(self, unit):
+        return self._levels[unit]
+
+    def block_of(self, unit):
+        return int(unit.split(".")[1])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_profile_for_block_sparsity_is_the_nearest_on_budget_profile(seed):
+    """Greedy rounding repair is exact for a separable convex cost: the result is the brute-force minimum of
+    sum (level - ideal)^2 over every profile within the bounds whose levels sum to 0 (the exact budget)."""
+    import itertools
+
+    g = random.Random(seed)
+    bounds = [(-g.randint(0, 2), g.randint(0, 2)) for _ in range(5)]
+    comp = _GridComp(bounds)
+    ideal = torch.tensor([g.uniform(lo - 1.5, hi + 1.5) for lo, hi in bounds], dtype=torch.float64)
+    feasible = [c for c in itertools.product(*(range(lo, hi + 1) for lo, hi in bounds)) if sum(c) == 0]
+    if not feasible:
+        with pytest.raises(
+            UserError, match="^cannot place the OWL sparsities on the level grid within the budget$"
+        ):
+            owl_baselines.profile_for_block_sparsity(comp, ideal)
+        return
+    best = min(feasible, key=lambda c: sum((lvl - float(x)) ** 2 for lvl, x in zip(c, ideal, strict=True)))
+    got = owl_baselines.profile_for_block_sparsity(comp, ideal)
+    assert tuple(got[u] for u in comp.units()) == best
+
+
+def test_owl_reads_lambda_m_and_grid_from_its_options():
+    comp, ctx = _sparsity_comp()
+    plain = owl_baselines.owl(comp, ctx, seed=2, tokens=64)  # defaults: lambda 0.08, M 5
+    assert plain == owl_baselines.owl(comp, ctx, seed=2, tokens=64, lam=0.08, m=5.0)
+    assert plain != owl_baselines.owl(comp, ctx, seed=2, tokens=64, lam=0.12, m=5.0)
+    comp.baseline_options = {"lambda": 0.12, "m": 3.0}
+    assert owl_baselines.owl(comp, ctx, seed=2, tokens=64) == owl_baselines.owl(
+        comp, ctx, seed=2, tokens=64, lam=0.12, m=3.0
+    )
+    grid_comp, grid_ctx = _sparsity_comp()  # the grid leaves the model at its last candidate: a fresh one
+    grid_comp.baseline_options = {"grid": "true"}
+    picked = owl_baselines.owl(grid_comp, grid_ctx, seed=2, tokens=64, lambdas=(0.02, 0.2), ms=(3.0, 7.0))
+    chosen = grid_comp.chosen
+    assert (chosen["lambda"], chosen["m"]) in [(0.02, 3.0), (0.02, 7.0), (0.2, 3.0), (0.2, 7.0)]
+    comp, ctx = _sparsity_comp()
+    assert picked == owl_baselines.owl(comp, ctx, seed=2, tokens=64, lam=chosen["lambda"], m=chosen["m"])
+
+
+def test_owl_lambda_zero_is_uniform_and_the_bound_is_refused():
+    comp, ctx = _sparsity_comp()
+    assert owl_baselines.owl(comp, ctx, seed=0, tokens=64, lam=0.0) == comp.initial_profile()
+    with pytest.raises(UserError, match=r"^OWL lambda=0.5 outside \[0, min\(s, 1-s\)\)$"):
+        owl_baselines.owl(comp, ctx, seed=0, tokens=64, lam=0.5)
+    with pytest.raises(UserError, match=r"^OWL M=0.0 must be > 0$"):
+        owl_baselines.owl(comp, ctx, seed=0, tokens=64, m=0.0)

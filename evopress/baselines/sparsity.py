@@ -67,7 +67,7 @@ def outlier_ratios(comp: SparsityCompressor, norms: dict[str, torch.Tensor], m: 
     m times their pooled mean. Pooled, a linear with larger inputs (typically down_proj) weighs in as OWL intends."""
     per_block: dict[int, list[torch.Tensor]] = {}
     for unit, norm in norms.items():
-        score = comp._linear(unit).weight.abs().float() * norm.view(1, -1)
+        score = comp._linear(unit).weight.abs().float() * norm  # [out, in] * [in]: per input feature
         per_block.setdefault(comp.block_of(unit), []).append(score.flatten())
     ratios = []
     for _, scores in sorted(per_block.items()):
