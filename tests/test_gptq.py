@@ -61,6 +61,26 @@ def test_group_size_must_divide_the_width():
     with pytest.raises(UserError, match="does not divide the layer width 576"):
         check_group_size(128, 576)
     assert check_group_size(64, 576) == 64 and check_group_size(0, 576) == 576
+    with pytest.raises(UserError, match=r"^group_size=-8 must be >= 0 \(0 = one group per row\)$"):
+        check_group_size(-8, 576)
+
+
+@pytest.mark.parametrize("bits", [1, 8])
+def test_bit_widths_1_and_8_are_the_allowed_ends(bits):
+    w, h = _layer()
+    (q,) = gptq(w, h, [bits], group_size=32)
+    assert q.bits == bits and int(q.codes.max()) <= 2**bits - 1
+
+
+def test_the_grid_always_holds_zero():
+    # An all-positive group: the range is stretched down to 0, so 0 is a code (the zero point) and w = 0 is exact.
+    from evopress.compressors.quantization.gptq import grid_params
+
+    w = torch.tensor([[0.5, 1.0, 2.0, 4.0]])
+    scale, zero = grid_params(w, torch.tensor(15.0))
+    assert float(zero[0]) == 0.0 and float(scale[0]) == pytest.approx(4.0 / 15, rel=1e-3)
+    scale, zero = grid_params(-w, torch.tensor(15.0))  # all negative: the top of the range is 0
+    assert float(zero[0]) == 15.0
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -100,3 +100,10 @@ def test_fitness_context_keeps_the_top_k_it_was_given():
     assert ctx.ref.topk == 8 and ctx.ref.logp.shape == (3, 16, 8) and ctx.ref.index.shape == (3, 16, 8)
     default = FitnessContext.build(adapter, tokens)
     assert default.ref.topk == 512 and default.batch_size == 8
+
+
+def test_mutate_defaults_to_at_most_three_switches(depth_comp):
+    rng = random.Random(8)
+    parent = depth_comp.initial_profile()
+    moved = [sum(abs(c - parent[u]) for u, c in mutate(depth_comp, parent, rng).items()) for _ in range(2000)]
+    assert max(moved) == 6  # three switches touch at most 6 units (4 would reach 8 in 2000 draws)
