@@ -7,6 +7,7 @@ Commands of each method live in their own module (listed in COMMAND_MODULES) and
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -83,26 +84,74 @@ def _register_command_modules() -> None:
         importlib.import_module(name)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def usage_error_line(err) -> str:
+    """A click/typer usage error as one line: the command, what was wrong (with the value given), where help is.
+
+    typer (0.29) raises its own vendored click exceptions (typer._click.exceptions), not click's; both carry
+    `format_message()` and, for a usage error, the context of the command it is about."""
+    ctx = getattr(err, "ctx", None)
+    where = f"{ctx.command_path}: " if ctx is not None else ""
+    message = _one_line(err.format_message())
+    cause = getattr(err, "__cause__", None)
+    errors = getattr(cause, "errors", None)
+    if callable(errors):  # a value typer's pydantic coercion rejected: name the value itself
+        given = [e.get("input") for e in errors() if "input" in e]
+        message += f" (got {given[0]!r})" if given else ""
+    message = message.rstrip(".")
+    if ctx is not None and message.startswith("No such command"):
+        message += f"; allowed: {', '.join(ctx.command.list_commands(ctx))}"
+    hint = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+    return f"{where}{message}{hint}"
+
+
+def _click_exception_types() -> tuple[type, ...]:
+    """Every click exception base the command line can raise: typer's vendored copy and click's own."""
+    import click
+    from typer._click import exceptions as vendored
+
+    return (vendored.ClickException, click.ClickException)
+
+
+def _fail(line: str, code: int = 2) -> None:
+    typer.echo(f"error: {line}", err=True)
+    sys.exit(code)
+
+
+def _quiet_progress_bars() -> None:
+    """No weight-loading progress bars where stderr is no terminal (DVC, Prefect, pipes): there they are junk lines
+    in the log, and they would come before a one-line error."""
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is first imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def main() -> None:
     _register_command_modules()
+    _quiet_progress_bars()
+    from typer._click.exceptions import NoArgsIsHelpError
+
     try:
         # standalone_mode=False hands errors to us; it returns the exit code for --help and friends.
         result = app(standalone_mode=False)
     except UserError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        _fail(_one_line(str(err)))
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except Exception as err:
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+        _fail("aborted", 130)
+    except NoArgsIsHelpError as err:  # `evopress` alone: the help is what was asked for, not an error
+        typer.echo(err.format_message())
+        sys.exit(0)
+    except _click_exception_types() as err:
+        _fail(usage_error_line(err), 2)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -156,9 +156,10 @@ def evaluate_cmd(
 ) -> None:
     """Held-out perplexity (and KL to dense) of the dense model or of a profile applied to it."""
     from evopress.evaluate import Candidate, evaluate_candidates
-    from evopress.io import atomic_write_json
+    from evopress.io import atomic_write_json, require_apart
 
     compute = ComputeConfig(dtype=dtype, batch_size=batch_size, topk=topk).validate("compute")
+    require_apart(out, folders={"model": model, "data": data, "database": db}, files={"profile": profile})
     candidate = Candidate("profile", method, profile, db) if profile else Candidate("dense")
     (row,) = evaluate_candidates(
         model, data, [candidate], compute, ("heldout",), kl, log=lambda _line: None

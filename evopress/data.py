@@ -108,19 +108,46 @@ def _read_files(pattern: str, field: str) -> list[str]:
             suffix in FILE_SUFFIXES, f"unsupported text file {str(path)!r}; allowed suffixes: {FILE_SUFFIXES}"
         )
         if suffix == ".txt":
-            docs += [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+            docs += [d.strip() for d in read_text_file(path).split("\n\n") if d.strip()]
         else:
             docs += _read_records(path, suffix, field)
     return docs
 
 
+def read_text_file(path: Path) -> str:
+    """A file's text as utf-8; a binary (or otherwise non-utf-8) file is a one-line error naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{str(path)!r} is not utf-8 text (byte {err.start}: {err.reason}); allowed: a utf-8 text file"
+        ) from err
+
+
+def _jsonl_rows(path: Path) -> list:
+    rows = []
+    for number, line in enumerate(read_text_file(path).splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(
+                    f"{str(path)!r} line {number} is not json ({err.msg}); allowed: one json object per line"
+                ) from err
+    require(all(isinstance(r, dict) for r in rows), f"{str(path)!r}: every line must be a json object")
+    return rows
+
+
 def _read_records(path: Path, suffix: str, field: str) -> list[str]:
     if suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = _jsonl_rows(path)
     else:
         import pandas as pd
 
-        rows = pd.read_parquet(path).to_dict("records")
+        try:
+            rows = pd.read_parquet(path).to_dict("records")
+        except Exception as err:  # pyarrow raises its own types for a file that is not parquet
+            raise UserError(f"{str(path)!r} is not a readable parquet file ({type(err).__name__})") from err
     require(bool(rows), f"{str(path)!r} holds no records")
     require(field in rows[0], f"unknown field {field!r} in {str(path)!r}; fields there: {sorted(rows[0])}")
     return [str(r[field]) for r in rows if str(r[field]).strip()]
@@ -272,6 +299,10 @@ def prepare_data(spec: DataSpec, tokenizer, out_dir: Path, max_context: int | No
         "sha256": {
             name: sha256_file(out_dir / name) for name in ("calibration.safetensors", "heldout.safetensors")
         },
+        "sizes": {
+            name: (out_dir / name).stat().st_size
+            for name in ("calibration.safetensors", "heldout.safetensors")
+        },
     }
     atomic_write_json(out_dir / DATA_MANIFEST, manifest)
     return manifest
@@ -282,6 +313,39 @@ def load_tokens(data_dir: Path, split: str) -> torch.Tensor:
     require(split in ("calibration", "heldout"), f"unknown split {split!r}; allowed: calibration, heldout")
     path = Path(data_dir) / f"{split}.safetensors"
     require(path.exists(), f"no prepared data at {str(path)!r}; run `evopress prepare-data`")
+    verify_tokens(Path(data_dir), path.name)
     from safetensors.torch import load_file
 
-    return load_file(path)["input_ids"]
+    try:
+        tensors = load_file(path)
+    except Exception as err:  # safetensors' own error type for a truncated or foreign file
+        raise UserError(f"unreadable token set {str(path)!r} ({err}); run `evopress prepare-data`") from err
+    require("input_ids" in tensors, f"{str(path)!r} holds no input_ids; run `evopress prepare-data`")
+    return tensors["input_ids"]
+
+
+def verify_tokens(data_dir: Path, name: str) -> None:
+    """Check a token set against what data.json records (size, then sha256: token sets are small); a folder
+    without data.json (made by hand, or by tests) is read as it is."""
+    manifest_path = data_dir / DATA_MANIFEST
+    if not manifest_path.is_file():
+        return
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"unreadable {str(manifest_path)!r} ({err}); run `evopress prepare-data`") from err
+    path = data_dir / name
+    hint = "run `evopress prepare-data` again"
+    size = manifest.get("sizes", {}).get(name)
+    if size is not None:
+        require(
+            path.stat().st_size == size,
+            f"token set truncated or changed: {str(path)!r} has {path.stat().st_size} bytes, {DATA_MANIFEST} "
+            f"says {size}; {hint}",
+        )
+    digest = manifest.get("sha256", {}).get(name)
+    if digest is not None:
+        require(
+            sha256_file(path) == digest,
+            f"token set corrupt (sha256 differs from {DATA_MANIFEST}): {str(path)!r}; {hint}",
+        )

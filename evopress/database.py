@@ -144,8 +144,8 @@ class LevelDatabase:
             missing = self.missing()
             if missing:
                 raise UserError(
-                    f"database {str(self.root)!r} is incomplete ({len(missing)} files missing, first "
-                    f"{missing[0][0]} level {missing[0][1]}); rerun `evopress build-db` to finish it"
+                    f"database {str(self.root)!r} is incomplete or damaged ({len(missing)} files missing or not of "
+                    f"their recorded size, first {str(self.path(*missing[0]))!r}); rerun `evopress build-db` to finish it"
                 )
 
     # --- layout ----------------------------------------------------------------------------------------------
@@ -305,3 +305,27 @@ class LevelDatabase:
             "seconds_per_load": self.load_seconds / max(self.loads, 1),
             "cached_bytes": self._cached,
         }
+
+
+def verify_database(root: Path) -> LevelDatabase:
+    """Open a database and check every file it records (size first, then sha256), before a stage relies on all of
+    them (stitching writes a deliverable from them); one-line error naming the first bad file."""
+    db = LevelDatabase.open(Path(root))
+    hint = "rerun `evopress build-db` to rebuild it"
+    files = db.manifest.get("files", {})
+    for key, entry in files.items():
+        path = db.root / "files" / key
+        require(path.is_file(), f"database file missing: {str(path)!r}; {hint}")
+        size = path.stat().st_size
+        require(
+            size == entry["size"],
+            f"database file truncated: {str(path)!r} has {size} bytes, manifest says {entry['size']}; {hint}",
+        )
+    for key, entry in files.items():
+        path = db.root / "files" / key
+        require(
+            sha256_file(path) == entry["sha256"],
+            f"database file corrupt (sha256 mismatch): {str(path)!r}; {hint}",
+        )
+        db._verified.add(key)
+    return db

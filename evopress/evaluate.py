@@ -65,8 +65,10 @@ def _measure(adapter, sets: dict, refs: dict, batch_size: int) -> dict:
     return out
 
 
-def _profile_row(c: Candidate, load, sets: dict, refs: dict, compute: ComputeConfig, sha: str | None) -> dict:
-    from evopress.methods import database_of, database_sha256, make_compressor
+def _checked_profile(c: Candidate, adapter, sha: str | None):
+    """(method, profile file, compressor, units) of a candidate, checked against the model, its units and the
+    budget of the profile's own target; one-line error naming the file."""
+    from evopress.methods import database_of, make_compressor
     from evopress.profile import load_profile, read_profile
 
     spec = read_profile(c.profile)
@@ -74,11 +76,21 @@ def _profile_row(c: Candidate, load, sets: dict, refs: dict, compute: ComputeCon
     made_for = spec["model_sha256"]
     if made_for and sha and made_for != sha:
         raise UserError(f"profile {str(c.profile)!r} was made for model {made_for[:12]}, not {sha[:12]}")
-    adapter = load()  # a fresh dense model: profiles of database methods overwrite weights
     comp = make_compressor(
         method, adapter, spec["target"], db=database_of(method, c.db), options=spec["options"]
     )
-    units = load_profile(c.profile, comp)["units"]
+    try:
+        units = load_profile(c.profile, comp)["units"]
+    except UserError as err:
+        raise UserError(f"{str(c.profile)!r} (target {spec['target']}): {err}") from err
+    return method, spec, comp, units
+
+
+def _profile_row(c: Candidate, load, sets: dict, refs: dict, compute: ComputeConfig, sha: str | None) -> dict:
+    from evopress.methods import database_sha256
+
+    adapter = load()  # a fresh dense model: profiles of database methods overwrite weights
+    method, spec, comp, units = _checked_profile(c, adapter, sha)
     row = {"method": method, "profile": c.label, "source": spec["source"], "target": spec["target"]}
     row.update(budget=spec["budget"], size=comp.size_share(units))  # size before applying: dropped modules go
     comp.apply_profile(units)
@@ -117,6 +129,9 @@ def evaluate_candidates(
         return load_adapter(Path(folder or model_dir), compute.dtype)
 
     dense = load()
+    for c in candidates:  # every profile is checked before the first (long) forward pass
+        if c.profile is not None:
+            _checked_profile(c, dense, sha)
     refs = {}
     if kl and any(c.profile is not None for c in candidates):
         topk = compute.topk or None

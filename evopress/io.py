@@ -51,3 +51,40 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def require_apart(out: Path, folders: dict | None = None, files: dict | None = None) -> None:
+    """One-line error when an output would write over the command's own inputs.
+
+    `folders` (name -> folder read): the output may not be one, lie inside one, or hold one (a folder output is
+    replaced by a rename, which would delete what it holds). `files` (name -> file read): the output may not be
+    the file, its folder, or a folder holding it. Paths are compared resolved (symlinks, `..`)."""
+    from evopress.errors import require
+
+    target = Path(out).resolve()
+    for name, folder in (folders or {}).items():
+        if folder is None:
+            continue
+        where = Path(folder).resolve()
+        require(
+            not _inside(target, where),
+            f"--out {str(out)!r} is or lies inside the {name} {str(folder)!r}; "
+            "allowed: an --out outside every input",
+        )
+        require(
+            not _inside(where, target),
+            f"--out {str(out)!r} holds the {name} {str(folder)!r}; allowed: an --out outside every input",
+        )
+    for name, file in (files or {}).items():
+        if file is None:
+            continue
+        where = Path(file).resolve()
+        require(
+            target != where and target != where.parent and target not in where.parents,
+            f"--out {str(out)!r} would write over the {name} {str(file)!r} (the file, its folder or a folder "
+            "holding it); allowed: an --out elsewhere",
+        )

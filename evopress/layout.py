@@ -139,6 +139,20 @@ class Layout:
         }[stage]
 
     @staticmethod
+    def persisted(stage: str, m: str | None = None) -> list[str]:
+        """Outputs dvc.yaml marks `persist: true`: DVC leaves them in place when the stage re-runs, so a stage
+        that rejects its params has cost nothing, and resumable work (databases, checkpoints) resumes.
+
+        Baselines and the metrics are cheap to remake and stay unpersisted (DVC deletes, the stage rewrites)."""
+        return {
+            "prepare_model": [MODEL],
+            "prepare_data": [TEXT],
+            "build_db": [f"data/db/{m}"],
+            "search": Layout.outs("search", m),
+            "stitch": [f"models/{m}"],
+        }.get(stage, [])
+
+    @staticmethod
     def outs(stage: str, m: str | None = None) -> list[str]:
         """Everything the stage writes that dvc.yaml declares (outs, metrics and plots)."""
         return {

@@ -152,10 +152,26 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
     except OSError as err:
         if src.kind == "hub":
             raise UserError(f"cannot load hub model {src.location!r} (is the hub reachable?): {err}") from err
-        raise
+        raise UserError(f"cannot load model {source!r}: {_one_line(err)}") from err
+    except Exception as err:
+        if not _is_unreadable_weights(err):
+            raise
+        raise UserError(f"cannot load model {source!r}: unreadable weights ({_one_line(err)})") from err
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())[:300]
+
+
+def _is_unreadable_weights(err: Exception) -> bool:
+    """A truncated or corrupt weights file (safetensors' own error, or a header that is not json)."""
+    names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
+    return bool(
+        names & {"SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeaderDeserialization"}
+    )
 
 
 def strip_gguf_quantization(model) -> None:
@@ -198,6 +214,8 @@ def write_model_folder(
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+        # sizes let a reader refuse a truncated file at once, before hashing (they are not part of the sha256)
+        "sizes": {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()},
     }
     manifest["sha256"] = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
     atomic_write_json(tmp / MANIFEST, manifest)
@@ -212,7 +230,71 @@ def read_manifest(model_dir: Path) -> dict:
     require(
         path.exists(), f"{model_dir} is not a prepared model (no {MANIFEST}); run `evopress prepare-model`"
     )
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(
+            f"unreadable model manifest {str(path)!r} ({err}); run `evopress prepare-model`"
+        ) from err
+    require(
+        isinstance(manifest, dict) and isinstance(manifest.get("files"), dict),
+        f"model manifest {str(path)!r} lists no files; run `evopress prepare-model`",
+    )
+    return manifest
+
+
+# Files hashed by this process, keyed by (path, size, mtime): a model read by several stages of one process (the
+# evaluate stage loads it once per candidate) is hashed once.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def verify_model(model_dir: Path, hash_files: bool = True) -> dict:
+    """The prepared model's manifest, after checking every file it records: present, of the recorded size (cheap,
+    first), and of the recorded sha256 (`hash_files`; ~1 s per GB). One-line error naming the first bad file."""
+    manifest = read_manifest(model_dir)
+    hint = "prepare the model again (`evopress prepare-model`)"
+    sizes = manifest.get("sizes", {})
+    for name in manifest["files"]:
+        path = Path(model_dir) / name
+        require(path.is_file(), f"model file missing: {str(path)!r} (listed in its {MANIFEST}); {hint}")
+        if name in sizes:
+            size = path.stat().st_size
+            require(
+                size == sizes[name],
+                f"model file truncated or changed: {str(path)!r} has {size} bytes, {MANIFEST} says {sizes[name]}; "
+                f"{hint}",
+            )
+    if hash_files:
+        for name, digest in manifest["files"].items():
+            path = Path(model_dir) / name
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            if key in _VERIFIED:
+                continue
+            require(
+                sha256_file(path) == digest,
+                f"model file corrupt (sha256 differs from {MANIFEST}): {str(path)!r}; {hint}",
+            )
+            _VERIFIED.add(key)
+    return manifest
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def require_tokenizer(folder: Path) -> None:
+    """A model folder must bring its tokenizer: without one, transformers builds a near-empty tokenizer and every
+    later stage tokenizes garbage."""
+    require(
+        any((Path(folder) / name).is_file() for name in TOKENIZER_FILES),
+        f"model folder {str(folder)!r} has no tokenizer; allowed: a folder with one of {', '.join(TOKENIZER_FILES)}",
+    )
 
 
 def _remove_tree(path: Path) -> None:
@@ -225,6 +307,6 @@ def load_adapter(model_dir: Path, dtype: str):
     """A prepared model folder (checked) loaded in `dtype`, wrapped for block-by-block work."""
     from evopress.adapter import ModelAdapter
 
-    read_manifest(model_dir)
+    verify_model(model_dir)
     model, _ = load_model(str(model_dir), dtype=dtype)
     return ModelAdapter(model)

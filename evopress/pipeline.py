@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,14 +54,51 @@ def code_sha256(layout: Layout, stage: str, method: str | None) -> str:
     return digest.hexdigest()
 
 
-def fresh_unless_same(stamp: Path, out: Path, settings: dict, log=print) -> None:
-    """Keep `out` (to resume it) only when `stamp` holds the same settings; then stamp it with them."""
-    if out.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != settings):
-        log(f"{out}: made with other settings or code; starting afresh")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+def superseded_name(path: Path) -> Path:
+    """Where an output made with other settings is moved: beside it, stamped with the time it was superseded."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate = path.with_name(f"{path.name}.superseded-{stamp}")
+    n = 1
+    while candidate.exists():  # two moves within one second keep both
+        candidate, n = path.with_name(f"{path.name}.superseded-{stamp}-{n}"), n + 1
+    return candidate
+
+
+def move_aside(paths: list[Path], log=print) -> Path | None:
+    """Move every existing path of `paths` into one `<first>.superseded-<time>` folder; returns it (None: nothing).
+
+    Settings that change a persisted output never delete it: the old one stays on disk, named, for the user to
+    compare or remove."""
+    present = [p for p in paths if p.exists()]
+    if not present:
+        return None
+    first = paths[0]
+    aside = superseded_name(first)
+    if len(paths) == 1:
+        os.replace(first, aside)
+    else:
+        aside.mkdir(parents=True)
+        for p in present:
+            os.replace(p, aside / p.name)
+    log(f"{first}: made with other settings or code; moved aside to {aside}, starting afresh")
+    return aside
+
+
+def fresh_unless_same(stamp: Path, out: Path, settings: dict, log=print, together: list[Path] = ()) -> None:
+    """Keep `out` (to resume it) only when `stamp` holds the same settings; else move it (and `together`) aside.
+    Then stamp it with them. The caller has validated `settings`: a bad value must never move finished work."""
+    if out.exists() and (not stamp.is_file() or _read_json(stamp) != settings):
+        move_aside([out, *together], log)
     elif out.exists():
         log(f"{out}: resuming (same settings and code)")
     atomic_write_json(stamp, settings)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # an unreadable stamp says nothing about the output: treat it as other settings
 
 
 def _compute_tags(summary: dict) -> dict[str, str]:
@@ -119,7 +156,11 @@ def search(p: Params, layout: Layout, m: str, log, on_generation=None) -> StageR
         "code_sha256": code_sha256(layout, "search", m),
     }
     checkpoint = out / "checkpoint.json"
-    fresh_unless_same(layout.stamp(checkpoint), checkpoint, json.loads(json.dumps(settings)), log)
+    # A search's outputs belong together: moved aside as one, so no profile outlives the checkpoint it came from.
+    others = [out / n for n in ("profile.json", "search.json", "history.csv", "layers.csv")]
+    fresh_unless_same(
+        layout.stamp(checkpoint), checkpoint, json.loads(json.dumps(settings)), log, together=others
+    )
     summary = stages.search(
         m,
         layout.model,
@@ -231,7 +272,13 @@ def report(p: Params, layout: Layout, _m, log) -> StageResult:
 def run_stage(
     name: str, p: Params, layout: Layout, method: str | None, log=print, on_generation=None
 ) -> StageResult:
-    """Run one stage of the pipeline with params.yaml's settings (already checked) and the layout's paths."""
+    """Run one stage of the pipeline with params.yaml's settings and the layout's paths.
+
+    The settings are checked (again: `params.load` checks them too) before the stage touches any output, so a
+    caller that built `Params` itself cannot reach a stage with a bad value."""
+    from evopress.params import check
+
+    check(p)
     require(name in STAGES, f"unknown stage {name!r}; allowed: {', '.join(STAGES)}")
     if name in PER_METHOD:
         require(bool(method), f"stage {name!r} needs --method (one of {', '.join(p.methods)})")

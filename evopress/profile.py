@@ -66,6 +66,10 @@ def validate_units(units: dict, compressor) -> None:
     require(not missing, f"profile lacks {len(missing)} unit(s) of the model, e.g. {missing[:3]}")
     bad = [(u, lvl) for u, lvl in units.items() if lvl not in compressor.levels(u)]
     require(not bad, f"profile has levels the units cannot take, e.g. {bad[:3]}")
+    # A profile must spend exactly its target's budget: one off it (a hand edit, another target) would be stitched
+    # and reported under a target it does not meet.
+    problem = compressor.budget_problem(units) if hasattr(compressor, "budget_problem") else None
+    require(problem is None, f"profile is off its target's budget: {problem}")
 
 
 def load_profile(path: Path, compressor) -> dict:

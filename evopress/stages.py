@@ -16,7 +16,7 @@ from pathlib import Path
 from evopress.config import ComputeConfig, SearchConfig
 from evopress.data import DataSpec
 from evopress.errors import require
-from evopress.io import atomic_write_json
+from evopress.io import atomic_write_json, require_apart
 from evopress.methods import database_of, database_sha256
 from evopress.models import load_adapter
 
@@ -27,9 +27,22 @@ def prepare_model(source: str, out: Path, dtype: str = "float32", trust_remote_c
 
     A family the adapter cannot work with fails here, on the config alone, not at the first search."""
     from evopress.adapter import require_supported
-    from evopress.models import load_config, load_model, parse_dtype, save_model
+    from evopress.models import (
+        load_config,
+        load_model,
+        parse_dtype,
+        require_tokenizer,
+        resolve_source,
+        save_model,
+    )
 
     parse_dtype(dtype)  # a bad dtype fails before any config or weight is read
+    src = resolve_source(source)
+    if src.kind == "folder":
+        require_apart(out, folders={"model source": Path(src.location)})
+        require_tokenizer(Path(src.location))
+    elif src.kind == "gguf":
+        require_apart(out, files={"model source": Path(src.location) / src.gguf_file})
     require_supported(load_config(source, trust_remote_code=trust_remote_code).model_type)
     model, tokenizer = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
     return save_model(model, tokenizer, Path(out), source)
@@ -40,9 +53,10 @@ def prepare_data(model_dir: Path, spec: DataSpec, out: Path) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from evopress.data import prepare_data as prepare
-    from evopress.models import read_manifest
+    from evopress.models import verify_model
 
-    read_manifest(model_dir)
+    require_apart(out, folders={"model": model_dir})
+    verify_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     max_context = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
     return prepare(spec, tokenizer, Path(out), max_context=max_context)
@@ -53,17 +67,18 @@ def build_db(method: str, model_dir: Path, text_dir: Path, out: Path, target: fl
 
     `target` matters only where the levels depend on it (sparsity); None skips it for the others."""
     from evopress.methods import check_settings, method_function, needs_database
-    from evopress.models import read_manifest
+    from evopress.models import verify_model
 
     check_settings(method, target, {}, database)
     out = Path(out)
+    require_apart(out, folders={"model": model_dir, "data": text_dir})
     if not needs_database(method):
         # Every search stage depends on data/db/<method>; a method without a database gets a marker.
         atomic_write_json(
             out / "manifest.json", {"method": method, "database": None, "why": "no level database"}
         )
         return None
-    read_manifest(model_dir)
+    verify_model(model_dir)
     target_option = {} if target is None else {"target": target}
     return method_function(method, "build_database")(model_dir, text_dir, out, {**target_option, **database})
 
@@ -95,6 +110,7 @@ def search(
     compute = compute.validate()
     config = config.for_method(method)
     check_settings(method, target, options, {})
+    require_apart(out, folders={"model": model_dir, "data": text_dir, "database": db})
     for name in config.seed_baselines:
         get_baseline(method, name)  # an unknown name fails before the model loads
     calibration = load_tokens(text_dir, "calibration")
@@ -158,6 +174,7 @@ def baseline(
     compute = compute.validate()
     check_settings(method, target, options, {})
     make_baseline = get_baseline(method, name)
+    require_apart(out, folders={"model": model_dir, "data": text_dir, "database": db})
     calibration = load_tokens(text_dir, "calibration")
     require(
         1 <= tokens <= calibration.numel(),
@@ -176,7 +193,9 @@ def baseline(
 
 def stitch(method: str, model_dir: Path, profile_path: Path, db: Path | None, out: Path) -> dict:
     """Profile file + database -> a compressed model folder; returns the stitch report."""
+    from evopress.database import verify_database
     from evopress.methods import method_function, needs_database
+    from evopress.models import verify_model
     from evopress.profile import read_profile
 
     profile = read_profile(profile_path, keys=("method", "target", "units"))
@@ -184,7 +203,10 @@ def stitch(method: str, model_dir: Path, profile_path: Path, db: Path | None, ou
         profile["method"] == method,
         f"profile {str(profile_path)!r} is for method {profile['method']!r}, not {method!r}",
     )
+    require_apart(out, folders={"model": model_dir, "database": db}, files={"profile": profile_path})
     if needs_database(method):
         require(db is not None, f"stitching {method} needs its level database (--db)")
+        verify_database(Path(db))
+    verify_model(model_dir)
     report = method_function(method, "stitch")(Path(model_dir), profile, database_of(method, db), Path(out))
     return {**report, "database_sha256": database_sha256(method, db)}

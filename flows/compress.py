@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -83,10 +85,12 @@ def results_table(project: Path) -> tuple[list[dict], str]:
 
 
 @flow(name="evopress-compress", log_prints=True)
-def compress(project: str = str(PROJECT), wait: float = 0.0) -> dict:
-    """Reproduce every DVC stage in order (one at a time); end with the results table."""
+def compress(project: str = str(PROJECT), wait: float = 0.0, lock: bool = True) -> dict:
+    """Reproduce every DVC stage in order (one at a time); end with the results table.
+
+    `lock=False`: the caller already holds the workspace lock (`main` takes it before Prefect starts)."""
     root = Path(project).resolve()
-    with workspace_lock(root, wait):
+    with workspace_lock(root, wait) if lock else contextlib.nullcontext():
         check_params(str(root))
         stages = list_stages(root)
         print(f"{len(stages)} stages: {', '.join(stages)}")
@@ -128,12 +132,72 @@ def recompress_deployment(cron: str, project: str):
         ) from None
 
 
+LOG_FILE = ".evopress-flow.log"
+
+
+def quiet_tracebacks(project: Path) -> Path:
+    """Prefect's console shows each failure with its traceback (dozens of lines, several times); keep them in
+    `<project>/.evopress-flow.log` and show one line per record on the console."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # Prefect sets its handlers up lazily; make them now so they can be filtered
+    log_path = project / LOG_FILE
+    file_handler = logging.FileHandler(log_path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("", "prefect"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_strip_traceback)
+    # first among prefect's handlers: it formats the traceback before a console filter drops it
+    logging.getLogger("prefect").handlers.insert(0, file_handler)
+    return log_path
+
+
+def _strip_traceback(record: logging.LogRecord) -> bool:
+    """Drop the traceback from a console record (the file handler, added after, formats its own copy first)."""
+    if record.exc_info or record.exc_text:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+def preflight(project: Path) -> None:
+    """What can fail before Prefect starts fails here, in one line: the params file against its schema."""
+    from evopress import params as P
+
+    P.load(project / "params.yaml")
+
+
+def run_now(project: str, wait: float, debug: bool) -> None:
+    """`run`: lock the workspace and check the params before Prefect starts, so a second flow or a bad
+    params.yaml is one line (exit 2); a failure inside the flow prints its cause in one line (exit 1), the
+    traceback only with --debug (always in the log file)."""
+    from evopress.errors import UserError
+
+    root = Path(project).resolve()
+    try:
+        with workspace_lock(root, wait):
+            preflight(root)
+            log_path = None if debug else quiet_tracebacks(root)
+            try:
+                compress(project=str(root), wait=wait, lock=False)
+            except Exception as err:
+                if debug or isinstance(err, UserError):
+                    raise
+                first = " ".join(str(err).split()) or type(err).__name__
+                raise SystemExit(
+                    f"error: {first} (traceback: {log_path}; rerun with --debug to print it)"
+                ) from None
+    except (WorkspaceBusy, UserError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.compress", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline now")
     run.add_argument("--project", default=str(PROJECT))
     run.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another flow's lock")
+    run.add_argument("--debug", action="store_true", help="print Prefect's tracebacks on the console too")
     serve = sub.add_parser("serve", help="serve the flow on a cron schedule (blocks)")
     serve.add_argument("--cron", default="0 3 * * 0")
     serve.add_argument("--project", default=str(PROJECT))
@@ -142,10 +206,7 @@ def main() -> None:
     deploy.add_argument("--cron", default=None)
     args = parser.parse_args()
     if args.command == "run":
-        try:
-            compress(project=args.project, wait=args.wait)
-        except WorkspaceBusy as err:
-            raise SystemExit(f"error: {err}") from None
+        run_now(args.project, args.wait, args.debug)
     elif args.command == "serve":
         from prefect import serve
 

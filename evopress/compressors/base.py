@@ -76,6 +76,16 @@ class Compressor(ABC):
     def total_cost(self, profile: Profile) -> float:
         return sum(self.cost(u, lvl) for u, lvl in profile.items())
 
+    def budget_problem(self, profile: Profile) -> str | None:
+        """Why `profile` is off this compressor's budget, in a few words (None: it is on it).
+
+        Every feasible profile costs exactly what `initial_profile` costs at the target; a profile read from a
+        file (hand-written, or made for another target) must too, or the results would report the wrong target."""
+        want, have = self.total_cost(self.initial_profile()), self.total_cost(profile)
+        if abs(have - want) <= 1e-9 * max(1.0, abs(want)):
+            return None
+        return f"its units cost {have:g} in total, the target's budget is exactly {want:g}"
+
     def apply_profile(self, profile: Profile, current: Profile | None = None) -> Profile:
         """Apply every unit whose level differs from `current` (all units when `current` is None)."""
         for unit, level in profile.items():

@@ -152,6 +152,13 @@ class DepthCompressor(Compressor):
         n = self.adapter.num_blocks
         return self.profile_from_blocks({g: rng.sample(range(n), self.k) for g in self.groups()})
 
+    def budget_problem(self, profile: Profile) -> str | None:
+        """Depth removes exactly k units of every group (k attention and k MLP sublayers), not k*groups in any mix."""
+        for group, blocks in self.removed_blocks(profile).items():
+            if len(blocks) != self.k:
+                return f"it removes {len(blocks)} {group} unit(s), the target {self.k} removes exactly {self.k} of each kind"
+        return None
+
     def removed_blocks(self, profile: Profile) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {g: [] for g in self.groups()}
         for unit, level in profile.items():
