@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -171,3 +173,15 @@ def prepare_tiny_workspace(root, hidden: int = 64, seq_len: int = 32):
             root / "text" / f"{split}.safetensors",
         )
     return root
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """`evopress *args` in-process: (exit status, stdout, stderr); what fixtures printed before is dropped."""
+    from evopress import cli
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["evopress", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err

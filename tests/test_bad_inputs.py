@@ -16,8 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import char_tokenizer, prepare_tiny_workspace, tiny_llama
-from evopress import cli
+from conftest import char_tokenizer, prepare_tiny_workspace, run_cli, tiny_llama
 from evopress.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,15 +39,6 @@ def assert_kept(before: dict[str, str], root: Path) -> None:
     after = snapshot(root)
     changed = [k for k, v in before.items() if after.get(k) != v]
     assert not changed, f"changed or removed: {changed[:5]}"
-
-
-def run_cli(monkeypatch, capsys, *args):
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["evopress", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 def refused(monkeypatch, capsys, root: Path, *args, names: tuple[str, ...] = ()) -> str:

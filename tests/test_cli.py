@@ -1,21 +1,10 @@
 """CLI user errors: one line on stderr, exit status 2, no traceback."""
 
-import sys
-
 import pytest
 import torch
 
-from conftest import char_tokenizer, tiny_llama
+from conftest import char_tokenizer, run_cli, tiny_llama
 from evopress import cli
-
-
-def run_cli(monkeypatch, capsys, *args):
-    capsys.readouterr()  # drop what fixtures printed
-    monkeypatch.setattr(sys, "argv", ["evopress", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 @pytest.fixture

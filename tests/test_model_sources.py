@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run_cli
 
-from conftest import char_tokenizer
+from conftest import char_tokenizer, run_cli
 from evopress.adapter import FAMILIES
 from evopress.errors import UserError
 from evopress.models import ModelSource, resolve_source

@@ -1,13 +1,11 @@
 """Profiles on disk and the search / baseline / evaluate commands end to end on a tiny prepared model."""
 
 import json
-import sys
 
 import pytest
 import torch
 
-from conftest import char_tokenizer, tiny_llama
-from evopress import cli
+from conftest import char_tokenizer, run_cli, tiny_llama
 from evopress.adapter import ModelAdapter
 from evopress.compressors.depth import make
 from evopress.errors import UserError
@@ -63,15 +61,6 @@ def prepared(tmp_path_factory):
         root / "text/heldout.safetensors", {"input_ids": torch.randint(0, 128, (4, 32), generator=g)}
     )
     return root
-
-
-def run_cli(monkeypatch, capsys, *args):
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["evopress", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    out = capsys.readouterr()
-    return exit_info.value.code, out.out, out.err
 
 
 def one_line_error(err: str, message: str) -> bool:
