@@ -113,10 +113,13 @@ def _config_of(src: ModelSource, trust_remote_code: bool):
     gguf = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     try:
         return AutoConfig.from_pretrained(src.location, trust_remote_code=trust_remote_code, **gguf)
-    except OSError as err:
+    # transformers raises OSError for a missing or corrupt file, ValueError for a bad key or value
+    except (OSError, ValueError) as err:
         if src.kind == "hub":
             raise UserError(f"cannot load hub model {src.location!r} (is the hub reachable?): {err}") from err
-        raise
+        raise UserError(
+            f"cannot read the model config of {src.location!r}: {' '.join(str(err).split())}"
+        ) from err
 
 
 def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = False):

@@ -33,6 +33,7 @@ from evopress.config import ALL, SearchConfig
 from evopress.errors import UserError, require
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.mutation import mutate
+from evopress.profile import validate_units
 from evopress.scoring import FitnessContext, LiveModel, score_pool, select
 
 CHECKPOINT = "checkpoint.json"
@@ -127,6 +128,8 @@ def initial_parent(comp, ctx, live, config, rng, seeds: dict) -> tuple[Profile, 
         names = ["random"] * len(pool)
     for name in config.seed_baselines:
         require(name in seeds, f"seed baseline {name!r} was asked for but no profile was given for it")
+        # a baseline naming other units or levels is a bug; say so in one line rather than score it
+        validate_units(seeds[name], comp)
         total = comp.total_cost(seeds[name])
         require(
             total == comp.total_cost(comp.initial_profile()),

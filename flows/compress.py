@@ -183,9 +183,11 @@ def run_now(project: str, wait: float, debug: bool) -> None:
                 if debug or isinstance(err, UserError):
                     raise
                 first = " ".join(str(err).split()) or type(err).__name__
-                raise SystemExit(
-                    f"error: {first} (traceback: {log_path}; rerun with --debug to print it)"
-                ) from None
+                print(
+                    f"error: {first} (traceback: {log_path}; rerun with --debug to print it)", file=sys.stderr
+                )
+                # A stage that refused its input exits 2 like the command itself; a crash exits 1.
+                raise SystemExit(2 if getattr(err, "bad_input", False) else 1) from None
     except (WorkspaceBusy, UserError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None

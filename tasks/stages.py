@@ -35,7 +35,35 @@ def list_stages(project: Path) -> list[str]:
     return [line.strip() for line in res.stdout.splitlines() if line.strip()]
 
 
-@task(retries=2, retry_delay_seconds=10, task_run_name="stage {stage}")
+class StageFailed(RuntimeError):
+    """A stage that exited non-zero, with the line that says why: the stage's own `error: ...` line (every
+    evopress command prints one), else DVC's `ERROR: ...`, else the exit status."""
+
+    def __init__(self, stage: str, cause: str, bad_input: bool):
+        super().__init__(f"stage {stage} failed: {cause}")
+        self.bad_input = bad_input
+
+
+def worth_retrying(task, task_run, state) -> bool:
+    """Retry a crash (a killed process, a full disk, a flaky mount): the stage resumes from what it persisted.
+    Not a refused input (exit status 2): the same input is refused again, three times over."""
+    return not (isinstance(state.data, StageFailed) and state.data.bad_input)
+
+
+def failure_cause(lines: list[str], status: int) -> tuple[str, bool]:
+    """(the line that says why a stage failed, whether it was refused input) from its output."""
+    ours = [line for line in lines if line.startswith("error: ")]
+    dvc = [line for line in lines if line.startswith("ERROR: ")]
+    # DVC relays the command's status as "..., exited with 2"; 2 is what our commands exit with on bad input.
+    refused = any(line.rstrip().endswith("exited with 2") for line in dvc)
+    if ours:
+        return ours[-1], refused
+    if dvc:
+        return dvc[-1], refused
+    return f"dvc repro exited with status {status}", False
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=worth_retrying, task_run_name="stage {stage}")
 def run_stage(stage: str, project: str, env: dict[str, str] | None = None) -> bool:
     """Reproduce one stage; returns whether DVC ran it (False: it was up to date)."""
     logger = get_run_logger()
@@ -45,14 +73,15 @@ def run_stage(stage: str, project: str, env: dict[str, str] | None = None) -> bo
     proc = subprocess.Popen(
         cmd, cwd=project, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
-    ran = False
+    ran, tail = False, []
     for line in proc.stdout:  # streamed as it comes: a long search shows its progress lines live
         line = line.rstrip()
         if line:
             ran = ran or line.startswith(RAN_MARK)
+            tail = [*tail[-199:], line]  # enough to find the cause, bounded for a long search's output
             logger.info(line)
     if proc.wait() != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed with exit status {proc.returncode}")
+        raise StageFailed(stage, *failure_cause(tail, proc.returncode))
     return ran
 
 

@@ -401,6 +401,18 @@ def test_a_truncated_model_file_at_prepare_model_is_one_line(monkeypatch, capsys
     )  # fmt: skip
 
 
+def test_a_corrupt_model_config_at_prepare_model_is_one_line(monkeypatch, capsys, tmp_path):
+    src = tmp_path / "src"
+    tiny_llama(num_layers=2).save_pretrained(src)
+    char_tokenizer().save_pretrained(src)
+    (src / "config.json").write_text("{ not json")
+    refused(
+        monkeypatch, capsys, tmp_path, "prepare-model", "--source", src, "--out", tmp_path / "out",
+        names=(str(src), "config"),
+    )  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_model_folder_without_a_tokenizer_is_refused(monkeypatch, capsys, tmp_path):
     src = tmp_path / "src"
     tiny_llama(num_layers=2).save_pretrained(src)

@@ -49,3 +49,26 @@ def test_the_recompression_deployment_runs_the_flow_on_its_cron(tmp_path):
 def test_a_bad_cron_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="invalid cron schedule 'every sunday'"):
         recompress_deployment("every sunday", str(tmp_path))
+
+
+def test_a_failed_stage_is_named_by_its_own_error_line_and_refused_input_is_not_retried():
+    from prefect.states import Failed
+
+    from tasks.stages import StageFailed, failure_cause, worth_retrying
+
+    out = [
+        "Running stage 'search@depth':",
+        "> evopress search --method depth ...",
+        "error: --target 40: the model has 30 blocks; allowed: 1..29",
+        "ERROR: failed to reproduce 'search@depth': failed to run: evopress search ..., exited with 2",
+    ]
+    cause, refused = failure_cause(out, 255)
+    assert cause == out[2] and refused
+    assert failure_cause(out[:2] + out[3:], 255) == (out[3], True)
+    killed = ["ERROR: failed to reproduce 'search@depth': failed to run: evopress search ..., exited with -9"]
+    assert failure_cause(killed, 255) == (killed[0], False)
+    assert failure_cause([], 3) == ("dvc repro exited with status 3", False)
+    assert str(StageFailed("evaluate", "error: x", True)) == "stage evaluate failed: error: x"
+    assert not worth_retrying(None, None, Failed(data=StageFailed("s", "error: x", bad_input=True)))
+    assert worth_retrying(None, None, Failed(data=StageFailed("s", "killed", bad_input=False)))
+    assert worth_retrying(None, None, Failed(data=OSError("disk full")))

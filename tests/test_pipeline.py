@@ -226,3 +226,68 @@ def test_prefect_flow_runs_the_graph(project, monkeypatch):
     lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]["search@depth"]["outs"]
     profile_md5 = next(o["md5"] for o in lock if o["path"] == "runs/search/depth/profile.json")
     assert by_stage["search@depth"].data.tags["dvc.out.runs/search/depth/profile.json"] == profile_md5
+
+
+def test_a_stage_refusing_its_input_mid_flow_ends_the_flow_with_its_cause_in_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    """The params are valid, so the flow starts; the first stage then finds the model folder unreadable. The
+    flow's one error line is that stage's own error (not Prefect's traceback, not 'exit status 1'), it exits 2 like the
+    command, and the stage is not retried: the same input would be refused again."""
+    import sys
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows import compress
+
+    proj = make_project(tmp_path)
+    (tmp_path / "tiny-model" / "config.json").write_text("{ not json")
+    monkeypatch.setenv("PATH", f"{BIN}:{os.environ['PATH']}")
+    monkeypatch.setattr(sys, "argv", ["compress", "run", "--project", str(proj)])
+    capsys.readouterr()
+    with prefect_test_harness(server_startup_timeout=300), pytest.raises(SystemExit) as exit_info:
+        compress.main()
+    err = capsys.readouterr().err
+    # Prefect's own lines start with a time; ours with "error: "
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert exit_info.value.code == 2 and len(ours) == 1
+    assert ours[0].startswith("error: stage prepare_model failed: error: ") and "config.json" in ours[0]
+    assert "Traceback" not in err
+    log = (proj / ".evopress-flow.log").read_text()
+    assert log.count("Running stage 'prepare_model'") == 1  # not retried
+
+
+@pytest.mark.slow
+def test_a_killed_repro_resumes_to_a_clean_status_and_the_uninterrupted_profiles(tmp_path):
+    """`dvc repro` killed with SIGKILL twice in the middle of the depth search (the group: DVC and the stage's
+    python) is run again: it ends with `dvc status` clean and the same profiles as an uninterrupted run of the same
+    project (same model, data and params)."""
+    import signal
+    import time
+
+    full, proj = make_project(tmp_path / "full"), make_project(tmp_path / "cut")
+    sh(["dvc", "repro"], full)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    checkpoint = proj / "runs/search/depth/checkpoint.json"
+    for generations in (1, 3):  # kill once early in the search, once after the resume has gone further
+        proc = subprocess.Popen(
+            ["dvc", "repro"], cwd=proj, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if json.loads(checkpoint.read_text())["generation"] >= generations:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the repro ended before it could be killed"
+    sh(["dvc", "repro"], proj)
+    status = sh(["dvc", "status"], proj).stdout
+    assert "up to date" in status.lower() or not status.strip(), status
+    for method in ("depth", "sparsity"):
+        resumed = json.loads((proj / f"runs/search/{method}/profile.json").read_text())
+        uninterrupted = json.loads((full / f"runs/search/{method}/profile.json").read_text())
+        assert resumed["units"] == uninterrupted["units"] and resumed["fitness"] == uninterrupted["fitness"]

@@ -1,5 +1,6 @@
-"""A search killed with SIGKILL (no chance to clean up) resumes from its last checkpoint and loses nothing: it ends
-at exactly the profile of an uninterrupted run, and the generations finished before the kill are kept as they were."""
+"""Work killed with SIGKILL (no chance to clean up) resumes and loses nothing: a search ends at exactly the profile
+of an uninterrupted run, keeping the generations finished before the kill as they were; a level database build ends
+with every file identical to an uninterrupted build's, keeping the files written before the kill."""
 
 from __future__ import annotations
 
@@ -77,3 +78,40 @@ def test_a_killed_search_resumes_and_ends_where_an_uninterrupted_one_does(tmp_pa
     assert [int(r["generation"]) for r in history(cut)] == list(range(1, GENERATIONS + 1))
     full_history = json.loads((full / "checkpoint.json").read_text())["history"]
     assert [r["fitness"] for r in after] == [r["fitness"] for r in full_history]
+
+
+def build_args(root: Path, out: Path) -> list[str]:
+    return [
+        *EVOPRESS, "build-db", "--method", "quantization",
+        "--model", str(root / "model"), "--data", str(root / "text"), "--out", str(out),
+        "--option", "bits=2,3,4,5,6,7,8", "--option", "n_samples=8", "--option", "group_size=32",
+    ]  # fmt: skip
+
+
+def recorded(db: Path) -> dict:
+    try:
+        return json.loads((db / "manifest.json").read_text())["files"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return {}
+
+
+def test_a_killed_database_build_resumes_to_the_files_of_an_uninterrupted_one(tmp_path):
+    root = prepare_tiny_workspace(tmp_path, hidden=256)  # 2 blocks x 7 linears x 7 bit-widths = 98 files
+    # one thread: GPTQ's sums in one order, so the files are equal bit for bit
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cut, full = tmp_path / "cut", tmp_path / "full"
+    proc = subprocess.Popen(build_args(root, cut), env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(recorded(cut)) < 10 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the build ended before it could be killed"
+    before = recorded(cut)
+    assert 10 <= len(before) < 98
+
+    for out in (cut, full):
+        subprocess.run(build_args(root, out), env=env, check=True, capture_output=True)
+    resumed, uninterrupted = recorded(cut), recorded(full)
+    assert len(resumed) == 98 and resumed == uninterrupted  # sizes and sha256 of every file
+    assert all(resumed[key] == entry for key, entry in before.items())  # kept, not redone differently
+    assert json.loads((cut / "manifest.json").read_text())["complete"]

@@ -233,6 +233,11 @@ def test_a_seed_off_budget_or_missing_is_a_user_error(setup8):
         run_search(comp, ctx, config, seeds={"other": comp.profile_from_blocks([0, 1])})
     with pytest.raises(UserError, match="no profile was given"):
         run_search(comp, ctx, config, seeds={})
+    on_budget = comp.profile_from_blocks([0, 1, 2])
+    with pytest.raises(UserError, match="does not have"):
+        run_search(comp, ctx, config, seeds={"other": {**on_budget, "block.99": 0}})
+    with pytest.raises(UserError, match="cannot take"):
+        run_search(comp, ctx, config, seeds={"other": {**on_budget, next(iter(on_budget)): 7}})
 
 
 def test_command_line_token_steps_accept_all_last():
