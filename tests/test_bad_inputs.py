@@ -2,6 +2,9 @@
 
 Each case asserts the exit status (2), that stderr is exactly one line naming the bad value, and that every file
 that existed before is still there, byte for byte (sha256 of everything under the workspace before and after).
+
+With EVOPRESS_ERROR_LOG=<file> set, every case appends what it ran and the line it printed to that file (json
+lines): the list of cases and their messages that the issue's closing note quotes.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,11 +45,22 @@ def assert_kept(before: dict[str, str], root: Path) -> None:
     assert not changed, f"changed or removed: {changed[:5]}"
 
 
+def record(command: str, code: int, err: str) -> None:
+    """Append the case to $EVOPRESS_ERROR_LOG (when set): the closing note's list of cases and messages."""
+    if os.environ.get("EVOPRESS_ERROR_LOG"):
+        case = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(os.environ["EVOPRESS_ERROR_LOG"], "a") as f:
+            f.write(json.dumps({"case": case, "command": command, "exit": code, "stderr": err}) + "\n")
+
+
 def refused(monkeypatch, capsys, root: Path, *args, names: tuple[str, ...] = ()) -> str:
     """Run the CLI, assert: exit 2, one stderr line starting `error:` holding every one of `names`, nothing
     under `root` changed. Returns the line."""
     before = snapshot(root)
     code, _, err = run_cli(monkeypatch, capsys, *args)
+    record(
+        " ".join(["evopress", *(Path(a).name if isinstance(a, Path) else str(a) for a in args)]), code, err
+    )
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     for name in names:
@@ -176,6 +191,7 @@ def test_bad_settings_leave_a_finished_database_untouched(project, edit, message
     before = snapshot(root)
     with pytest.raises(UserError, match=message) as err:
         run_stage("build_db", p, Layout(root), "sparsity", log=lambda _: None)
+    record("run_stage('build_db', <edited params>)", 2, f"error: {err.value}\n")
     assert "\n" not in str(err.value)
     assert_kept(before, root)
 
@@ -502,7 +518,9 @@ def run_flow(monkeypatch, capsys, project: Path, *extra) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", ["compress", "run", "--project", str(project), *extra])
     with pytest.raises(SystemExit) as exit_info:
         compress.main()
-    return exit_info.value.code, capsys.readouterr().err
+    err = capsys.readouterr().err
+    record(f"python -m flows.compress run {' '.join(map(str, extra))}".strip(), exit_info.value.code, err)
+    return exit_info.value.code, err
 
 
 def test_the_flow_with_a_bad_params_file_prints_the_cause_in_one_line(monkeypatch, capsys, tmp_path):

@@ -115,6 +115,36 @@ def test_second_repro_does_nothing(project):
     assert ran_stages(out) == set(), out
 
 
+def test_a_bad_params_value_on_a_finished_project_costs_nothing(project):
+    """`dvc repro` after a typo in params.yaml (survivors must not grow) fails in one stage, and every finished
+    output (data, searches, stitched models, metrics) is still there byte for byte: DVC keeps persisted outs and
+    the stage checks the settings before it touches anything. Fixing the typo leaves nothing to do."""
+    import hashlib
+
+    proj, _ = project
+
+    def snapshot() -> dict:
+        return {
+            str(p.relative_to(proj)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in ("data", "runs", "models")
+            for p in sorted((proj / folder).rglob("*"))
+            if p.is_file()
+        }
+
+    good = (proj / "params.yaml").read_text()
+    params = yaml.safe_load(good)
+    params["methods"]["depth"]["search"]["survivors"] = [1, 2]
+    before = snapshot()
+    try:
+        (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        res = sh(["dvc", "repro"], proj, check=False)
+        assert res.returncode != 0 and "survivors" in res.stdout + res.stderr
+        assert snapshot() == before
+    finally:
+        (proj / "params.yaml").write_text(good)
+    assert ran_stages(sh(["dvc", "repro"], proj).stdout) == set()
+
+
 def test_changed_search_param_reruns_only_search_and_dependents(project):
     proj, _ = project
     params = yaml.safe_load((proj / "params.yaml").read_text())
