@@ -3,6 +3,7 @@
   evopress build-db --method sparsity --model data/model --data data/text --out data/db/sparsity \\
       --option target=0.5 [--option num_levels=4 ...]
   evopress stitch --method sparsity --model data/model --profile P.json --db data/db/sparsity --out DIR
+  evopress stitch --method quantization ... --option format=evopress-packed   (default: compressed-tensors)
 """
 
 from __future__ import annotations
@@ -53,10 +54,14 @@ def stitch_cmd(
     profile: Path = typer.Option(..., help="profile json from `search` or `baseline`"),
     db: Path | None = typer.Option(None, help="level database (methods that have one)"),
     out: Path = typer.Option(..., help="folder to write the compressed model into"),
+    option: list[str] = typer.Option(
+        [],
+        help="stitch option key=value (repeatable); quantization: format=compressed-tensors|evopress-packed",
+    ),
 ) -> None:
     """Profile + database -> a compressed model folder (safetensors) that evopress and transformers load."""
     from evopress.stages import stitch
 
-    report = stitch(method, model, profile, db, out)
+    report = stitch(method, model, profile, db, out, parse_option_pairs(option))
     summary = ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in report.items())
     typer.echo(f"stitched {out}: {summary}")

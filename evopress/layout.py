@@ -27,6 +27,7 @@ RESULTS = "runs/results.md"
 _COMMON = [
     "evopress/adapter.py",
     "evopress/config.py",
+    "evopress/ct_format.py",
     "evopress/data.py",
     "evopress/database.py",
     "evopress/errors.py",

@@ -133,10 +133,17 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
 
     src = resolve_source(source)
     if src.kind == "folder":
+        from evopress import ct_format
         from evopress.packing import is_packed, load_packed
 
         if is_packed(Path(src.location)):  # a stitched quantized folder: integers + scales, dequantized here
             model = load_packed(Path(src.location), parse_dtype(dtype))
+            return model, AutoTokenizer.from_pretrained(src.location)
+        # compressed-tensors: ours (the default stitch format) or llm-compressor's, decompressed here
+        if ct_format.is_compressed_tensors(Path(src.location)):
+            model_type = _config_of(src, trust_remote_code).model_type
+            attention = attention_implementation(model_type)
+            model = ct_format.load(Path(src.location), parse_dtype(dtype), attention)
             return model, AutoTokenizer.from_pretrained(src.location)
     model_type = _config_of(src, trust_remote_code).model_type
     kwargs = {

@@ -158,11 +158,20 @@ def read_quantized(folder: Path) -> dict[str, Quantized]:
 
 @torch.no_grad()
 def load_packed(folder: Path, dtype: torch.dtype | None = None):
-    """A working transformers model from a packed folder: dense tensors loaded, linears dequantized."""
+    """A working transformers model from a packed folder: dense tensors loaded, linears dequantized.
+
+    A compressed-tensors folder (the default stitch format, evopress/ct_format.py) loads too, with the same
+    weights, so callers written for this format keep working."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
+    if not is_packed(folder):
+        from evopress import ct_format
+
+        if ct_format.is_compressed_tensors(folder):
+            config = AutoConfig.from_pretrained(folder)
+            return ct_format.load(folder, dtype, attention_implementation(config.model_type))
     quantized = read_quantized(folder)
     config = AutoConfig.from_pretrained(folder)
     dense = load_file(str(folder / DENSE_FILE))

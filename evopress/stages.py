@@ -191,8 +191,14 @@ def baseline(
     return profile
 
 
-def stitch(method: str, model_dir: Path, profile_path: Path, db: Path | None, out: Path) -> dict:
-    """Profile file + database -> a compressed model folder; returns the stitch report."""
+def stitch(
+    method: str, model_dir: Path, profile_path: Path, db: Path | None, out: Path, options: dict | None = None
+) -> dict:
+    """Profile file + database -> a compressed model folder; returns the stitch report.
+
+    `options` are the method's stitch keywords (quantization: format=compressed-tensors|evopress-packed)."""
+    import inspect
+
     from evopress.database import verify_database
     from evopress.methods import method_function, needs_database
     from evopress.models import verify_model
@@ -203,10 +209,18 @@ def stitch(method: str, model_dir: Path, profile_path: Path, db: Path | None, ou
         profile["method"] == method,
         f"profile {str(profile_path)!r} is for method {profile['method']!r}, not {method!r}",
     )
+    options = dict(options or {})
+    function = method_function(method, "stitch")
+    allowed = list(inspect.signature(function).parameters)[4:]  # after (model_dir, profile, db, out_dir)
+    unknown = sorted(k for k in options if k not in allowed)
+    require(
+        not unknown,
+        f"unknown stitch options {unknown} for method {method!r}; allowed: {', '.join(allowed) or 'none'}",
+    )
     require_apart(out, folders={"model": model_dir, "database": db}, files={"profile": profile_path})
     if needs_database(method):
         require(db is not None, f"stitching {method} needs its level database (--db)")
         verify_database(Path(db))
     verify_model(model_dir)
-    report = method_function(method, "stitch")(Path(model_dir), profile, database_of(method, db), Path(out))
+    report = function(Path(model_dir), profile, database_of(method, db), Path(out), **options)
     return {**report, "database_sha256": database_sha256(method, db)}

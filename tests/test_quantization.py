@@ -171,7 +171,7 @@ def test_stitch_packs_exactly_the_database_weights(prepared, built, tmp_path):
     rng = random.Random(1)
     units = mutate(comp, mutate(comp, comp.initial_profile(), rng), rng)
     profile = {"method": "quantization", "target": 3.0, "options": {}, "units": units, "model_sha256": None}
-    report = quantization.stitch(prepared / "model", profile, built, tmp_path / "packed")
+    report = quantization.stitch(prepared / "model", profile, built, tmp_path / "packed", "evopress-packed")
     assert report["average_bits"] == 3.0
     quantized = read_quantized(tmp_path / "packed")
     for unit, bits in units.items():

@@ -281,28 +281,57 @@ def linear_prefix(adapter: ModelAdapter, unit: str) -> str:
     raise AssertionError(f"{unit} not found in the model")
 
 
-@torch.no_grad()
-def stitch(model_dir: Path, profile: dict, db: Path | None, out_dir: Path) -> dict:
-    """A profile's bit-widths from the database -> a packed model folder (evopress.packing); returns a report."""
-    from evopress.models import write_model_folder
-    from evopress.packing import bytes_on_disk, write_packed
+# Formats of a stitched folder. compressed-tensors (default): llm-compressor's pack-quantized layout, which stock
+# transformers loads (evopress/ct_format.py). evopress-packed: our own bit stream (evopress/packing.py), which
+# only evopress loads; kept as an option for its slightly smaller files (no per-linear shape tensors, a shorter
+# safetensors header, and zero points at `bits` bits instead of int8).
+FORMATS = ("compressed-tensors", "evopress-packed")
 
+
+def write_stitched(model, tokenizer, linears: dict, folder: Path, group_size: int, format: str) -> dict:
+    """Write the stitched folder in `format`; returns its bytes: total (every file), quantized (the linears'
+    tensors: codes, scales, zero points, shapes) and rest (the other tensors and the safetensors headers)."""
+    from evopress import ct_format
+    from evopress.packing import QUANT_FILE, bytes_on_disk, write_packed
+
+    if format == "evopress-packed":
+        write_packed(model, tokenizer, linears, folder, group_size)
+        quantized = ct_format.tensor_bytes(Path(folder) / QUANT_FILE)
+    else:
+        ct_format.write(model, tokenizer, linears, folder)
+        quantized = ct_format.quantized_bytes(folder)
+    sizes = bytes_on_disk(folder)
+    return {"total": sizes["total"], "quantized": quantized, "rest": sizes["weights"] - quantized}
+
+
+@torch.no_grad()
+def stitch(
+    model_dir: Path, profile: dict, db: Path | None, out_dir: Path, format: str = "compressed-tensors"
+) -> dict:
+    """A profile's bit-widths from the database -> a quantized model folder in `format` (FORMATS); a report."""
+    from evopress.models import write_model_folder
+
+    require(format in FORMATS, f"stitch format {format!r} is not one of {', '.join(FORMATS)}")
     model, tokenizer, comp, units = open_for_stitch(make, model_dir, profile, db)
     adapter = comp.adapter
     linears = {linear_prefix(adapter, u): comp.quantized(u, b) for u, b in units.items()}
-    report = {"method": "quantization", "target": comp.target, "average_bits": comp.average_bits(units)}
+    report = {
+        "method": "quantization",
+        "target": comp.target,
+        "average_bits": comp.average_bits(units),
+        "format": format,
+    }
     stitch_json = {}  # written by write_model_folder after `write`, so it can hold the sizes
 
     def write(folder: Path) -> None:
-        write_packed(model, tokenizer, linears, folder, comp.opts.group_size)
-        sizes = bytes_on_disk(folder)
+        sizes = write_stitched(model, tokenizer, linears, folder, comp.opts.group_size, format)
         report.update(
             linear_params=comp.total_params(),
             group_size=comp.opts.group_size,
             bytes_total=sizes["total"],
-            bytes_quantized=sizes["quantized.safetensors"],
-            bytes_dense_rest=sizes["dense.safetensors"],
-            bits_per_weight_on_disk=8 * sizes["quantized.safetensors"] / comp.total_params(),
+            bytes_quantized=sizes["quantized"],  # codes, scales, zero points (and shapes) of the linears
+            bytes_dense_rest=sizes["rest"],
+            bits_per_weight_on_disk=8 * sizes["quantized"] / comp.total_params(),
         )
         stitch_json.update(report, profile=profile)
 
