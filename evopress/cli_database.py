@@ -40,7 +40,8 @@ def build_db_cmd(
         "build-db --method sparsity needs --option target=<sparsity in (0, 1)>",
     )
     start = time.perf_counter()
-    db = build_db(method, model, data, out, 3.0 if target is None else target, settings)
+    # no target for quantization: its levels do not depend on one (a stand-in 3.0 would refuse a 4,8-bit grid)
+    db = build_db(method, model, data, out, target, settings)
     typer.echo(
         f"database {out}: {len(db.pairs())} files, {db.size_on_disk() / 1e6:.1f} MB, "
         f"complete={db.manifest['complete']}, {time.perf_counter() - start:.1f} s"

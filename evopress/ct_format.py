@@ -24,9 +24,11 @@ the product to that dtype, so `load` below always loads at float32 and casts aft
 
 Groups are contiguous in the original column order (act-order is "static"), so no g_idx is needed.
 
-vLLM: its compressed-tensors support serves integer weights in "group"/"channel" schemes at 4 or 8 bits, with the
-fused q/k/v and gate/up linears at one scheme; an EvoPress profile (2..6 bits, each linear its own) is outside
-that whatever the layout, so this layout is chosen for what loads with stock transformers.
+vLLM: its compressed-tensors support serves integer weights in "group"/"channel" schemes at 4 or 8 bits (with zero
+points), with the fused q/k/v and gate/up linears at one scheme. The quantization options `fuse: true` and
+`kernel: marlin` (compressors/quantization/serving.py) make a profile meet the bits and fusion rules (each fused
+module's parts then sit in one config group here); the "block" strategy below is still not one vLLM's WNA16
+path matches, so this layout is chosen for what loads with stock transformers.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from evopress.adapter import ModelAdapter
 from evopress.config import ComputeConfig
 from evopress.errors import UserError
 from evopress.fitness import DenseReference, perplexity, perplexity_and_kl
+from evopress.zero_shot import LmEvalParams
 
 
 def evaluate_live(
@@ -86,7 +87,9 @@ def _checked_profile(c: Candidate, adapter, sha: str | None):
     return method, spec, comp, units
 
 
-def _profile_row(c: Candidate, load, sets: dict, refs: dict, compute: ComputeConfig, sha: str | None) -> dict:
+def _profile_row(
+    c: Candidate, load, sets: dict, refs: dict, compute: ComputeConfig, sha: str | None, tasks
+) -> dict:
     from evopress.methods import database_sha256
 
     adapter = load()  # a fresh dense model: profiles of database methods overwrite weights
@@ -95,6 +98,7 @@ def _profile_row(c: Candidate, load, sets: dict, refs: dict, compute: ComputeCon
     row.update(budget=spec["budget"], size=comp.size_share(units))  # size before applying: dropped modules go
     comp.apply_profile(units)
     row.update(_measure(adapter, sets, refs, compute.batch_size))
+    row.update(tasks(adapter))
     row["database_sha256"] = database_sha256(method, c.db)
     if c.stitched is not None and Path(c.stitched).is_dir():
         # The deliverable itself, loaded from its folder: must match the live profile's perplexity.
@@ -106,6 +110,19 @@ def _profile_row(c: Candidate, load, sets: dict, refs: dict, compute: ComputeCon
     return row
 
 
+def _task_runner(model_dir: Path, params: LmEvalParams | None) -> Callable[[ModelAdapter], dict]:
+    """adapter -> lm-eval figures of its live model; a no-op when no tasks are configured."""
+    if params is None or not params.enabled:
+        return lambda _adapter: {}
+    from transformers import AutoTokenizer
+
+    from evopress.zero_shot import check_tasks, run_tasks
+
+    check_tasks(params)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return lambda adapter: run_tasks(adapter.model, tokenizer, params)
+
+
 def evaluate_candidates(
     model_dir: Path,
     text_dir: Path,
@@ -114,8 +131,10 @@ def evaluate_candidates(
     sets: tuple[str, ...] = ("heldout",),
     kl: bool = True,
     log: Callable[[str], None] = print,
+    lm_eval: LmEvalParams | None = None,
 ) -> dict[str, dict]:
-    """label -> metrics row ({set}_perplexity, {set}_kl, size, target, ...) of every candidate."""
+    """label -> metrics row ({set}_perplexity, {set}_kl, size, target, lm_eval.<task>.<metric>, ...) of every
+    candidate; lm-eval's tasks run on the same live model as the perplexity when `lm_eval` names tasks."""
     from evopress.data import load_tokens
     from evopress.device import describe
     from evopress.models import load_adapter
@@ -128,6 +147,7 @@ def evaluate_candidates(
     def load(folder: Path | None = None) -> ModelAdapter:
         return load_adapter(Path(folder or model_dir), compute.dtype)
 
+    tasks = _task_runner(model_dir, lm_eval)  # unknown task names fail here, before any forward pass
     dense = load()
     for c in candidates:  # every profile is checked before the first (long) forward pass
         if c.profile is not None:
@@ -142,8 +162,9 @@ def evaluate_candidates(
         if c.profile is None:
             row = {"method": "dense", "profile": c.label, "budget": 0.0, "size": 1.0}
             row.update(_measure(dense, tokens, {}, compute.batch_size))
+            row.update(tasks(dense))
         else:
-            row = _profile_row(c, load, tokens, refs, compute, sha)
+            row = _profile_row(c, load, tokens, refs, compute, sha, tasks)
         key = c.label if c.profile is None else f"{row['method']}/{c.label}"
         rows[key] = {**row, **facts}
         log(f"{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))

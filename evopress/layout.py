@@ -30,11 +30,13 @@ _COMMON = [
     "evopress/ct_format.py",
     "evopress/data.py",
     "evopress/database.py",
+    "evopress/depth_format.py",
     "evopress/errors.py",
     "evopress/io.py",
     "evopress/methods.py",
     "evopress/models.py",
     "evopress/packing.py",
+    "evopress/sparse_format.py",
     "evopress/stages.py",
 ]
 # What every compressor imports.
@@ -134,6 +136,7 @@ class Layout:
                 *_SCORING,
                 "evopress/device.py",
                 "evopress/evaluate.py",
+                "evopress/zero_shot.py",
                 "evopress/compressors",
             ],
             "report": ["evopress/errors.py", "evopress/io.py", "evopress/report.py"],

@@ -133,9 +133,20 @@ def load_model(source: str, dtype: str = "float32", trust_remote_code: bool = Fa
 
     src = resolve_source(source)
     if src.kind == "folder":
-        from evopress import ct_format
+        from evopress import ct_format, depth_format, sparse_format
         from evopress.packing import is_packed, load_packed
 
+        # depth-pruned Llama with absent sublayers (DeciLM block_configs): no transformers class reads it
+        if depth_format.is_decilm(Path(src.location)):
+            model = depth_format.load(Path(src.location), parse_dtype(dtype), "sdpa")
+            # explicit: the folder's auto_map (for vLLM) would otherwise make transformers ask to run its code
+            return model, AutoTokenizer.from_pretrained(src.location, trust_remote_code=False)
+        # sparse-bitmask: checked before compressed-tensors quantization, whose quant_method it shares
+        if sparse_format.is_sparse_bitmask(Path(src.location)):
+            model_type = _config_of(src, trust_remote_code).model_type
+            attention = attention_implementation(model_type)
+            model = sparse_format.load(Path(src.location), parse_dtype(dtype), attention)
+            return model, AutoTokenizer.from_pretrained(src.location)
         if is_packed(Path(src.location)):  # a stitched quantized folder: integers + scales, dequantized here
             model = load_packed(Path(src.location), parse_dtype(dtype))
             return model, AutoTokenizer.from_pretrained(src.location)

@@ -1,7 +1,9 @@
 """Level-switch mutation: one unit one level up, another unit of the same group one level down.
 
-Within a group every level step costs the same budget (the compressors are built that way), so the total
-cost of a profile never changes: the search stays exactly on the budget without any repair step.
+A level step moves a unit to its neighbouring level (level +- 1 for contiguous levels; the next grid point for
+an evenly spaced grid such as 4, 8 bits). Within a group every level step costs the same budget (the
+compressors are built that way), so the total cost of a profile never changes: the search stays exactly on
+the budget without any repair step.
 """
 
 from __future__ import annotations
@@ -15,12 +17,19 @@ if TYPE_CHECKING:  # base.Compressor.random_profile calls level_switch: no runti
     from evopress.compressors.base import Compressor, Profile
 
 
+def _neighbour(comp: Compressor, unit: str, level: int, direction: int) -> int | None:
+    """The level one step up (direction +1) or down (-1) from `level`, None at a bound."""
+    levels = comp.levels(unit)
+    i = levels.index(level) + direction
+    return levels[i] if 0 <= i < len(levels) else None
+
+
 def _can_raise(comp: Compressor, unit: str, level: int) -> bool:
-    return level + 1 in comp.levels(unit)
+    return _neighbour(comp, unit, level, +1) is not None
 
 
 def _can_lower(comp: Compressor, unit: str, level: int) -> bool:
-    return level - 1 in comp.levels(unit)
+    return _neighbour(comp, unit, level, -1) is not None
 
 
 def level_switch(comp: Compressor, profile: Profile, rng: random.Random) -> Profile:
@@ -36,8 +45,8 @@ def level_switch(comp: Compressor, profile: Profile, rng: random.Random) -> Prof
         if partners:
             down = rng.choice(partners)
             child = dict(profile)
-            child[up] += 1
-            child[down] -= 1
+            child[up] = _neighbour(comp, up, profile[up], +1)
+            child[down] = _neighbour(comp, down, profile[down], -1)
             return child
     raise UserError("no level switch is possible: every group has a single unit or all units at their bounds")
 

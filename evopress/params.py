@@ -18,6 +18,7 @@ from evopress.config import DTYPES, ComputeConfig, SearchConfig, from_tree
 from evopress.data import DataSpec, validate_spec
 from evopress.errors import UserError, require
 from evopress.methods import METHODS, baselines, check_settings
+from evopress.zero_shot import LmEvalParams
 
 SPLITS = ("calibration", "heldout")
 
@@ -43,6 +44,7 @@ class MethodParams:
 class EvaluateParams:
     sets: list[str] = field(default_factory=lambda: ["heldout"])
     kl: bool = True
+    lm_eval: LmEvalParams = field(default_factory=LmEvalParams)  # zero-shot tasks; off while tasks is empty
 
 
 @dataclass
@@ -106,6 +108,7 @@ def check(params: Params) -> Params:
     params.compute.validate("compute")
     for s in params.evaluate.sets:
         require(s in SPLITS, f"evaluate.sets: unknown {s!r}; allowed: {', '.join(SPLITS)}")
+    params.evaluate.lm_eval.validate()
     return params
 
 

@@ -196,7 +196,7 @@ def stitch(
 ) -> dict:
     """Profile file + database -> a compressed model folder; returns the stitch report.
 
-    `options` are the method's stitch keywords (quantization: format=compressed-tensors|evopress-packed)."""
+    `options` are the method's stitch keywords (quantization: format=compressed-tensors|evopress-packed; sparsity: format=dense|sparse-bitmask)."""
     import inspect
 
     from evopress.database import verify_database

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+import evopress
 from conftest import tiny_llama
 from evopress.adapter import ModelAdapter
 from evopress.baselines.depth import BASELINES
@@ -73,8 +74,10 @@ def test_block_drop_equals_both_sublayers(tokens):
     assert torch.equal(a, adapter.forward_logits(tokens))
 
 
-def stitched_layers(granularity: str) -> int:
-    return 2 if granularity == "block" else 4
+def stitched_layers(comp, units) -> int:
+    """Blocks left: removed blocks go, and so does a block that loses both its sublayers."""
+    removed = comp.removed_blocks(units)
+    return 4 - len(set.intersection(*map(set, removed.values())))
 
 
 @pytest.mark.parametrize("granularity", ["block", "sublayer"])
@@ -100,9 +103,12 @@ def test_stitch_matches_live_profile(tmp_path, tokens, granularity):
     profile = make_profile(comp, units, target=2, source="test")
     out = tmp_path / "out"
     report = stitch(src, profile, None, out)
-    assert report["num_hidden_layers"] == stitched_layers(granularity)
-    stitched = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert stitched.config.num_hidden_layers == stitched_layers(granularity)
+    assert report["num_hidden_layers"] == stitched_layers(comp, units)
+    # block profiles are plain folders; sublayer profiles keep removed sublayers out (DeciLM block_configs)
+    stitched = (
+        AutoModelForCausalLM.from_pretrained(out) if granularity == "block" else evopress.load_model(out)
+    )
+    assert stitched.config.num_hidden_layers == stitched_layers(comp, units)
     with torch.no_grad():
         torch.testing.assert_close(stitched(tokens).logits, live, atol=1e-5, rtol=1e-5)
     assert (out / "profile.json").exists()

@@ -1,14 +1,15 @@
 """Quantization baselines, each a profile over the same database as the search (stitch/evaluate treat them alike).
 
-  uniform  every linear at the target bit-width (integer targets only): uniform GPTQ
-  dp       dynamic programming over per-layer errors measured one layer at a time: e(u, b) is the calibration
-           KL of the model with only linear u at b bits (all others dense). Assuming the errors add up (what
+  uniform  every unit at the target bit-width (targets on the level grid only): uniform GPTQ
+  dp       dynamic programming over per-unit errors measured one unit at a time: e(u, b) is the calibration
+           KL of the model with only unit u at b bits (all others dense). Assuming the errors add up (what
            EvoPress drops), the profile minimizing sum_u e(u, b_u) with sum_u b_u * n_u = target * N exactly is
            found by a knapsack DP over budget units of gcd(n_u) weights, so any fractional target the sizes
            allow is met exactly (bits can move between linears of different sizes, unlike the search's swaps).
 
 Signature, as for every method: fn(compressor, ctx: FitnessContext, *, seed, tokens, **options) -> Profile.
-Both start from the dense live model; `dp` leaves it dense.
+Both start from the dense live model; `dp` leaves it dense. Both respect the compressor's serving options: a
+unit is a fused q/k/v or gate/up under `fuse` (one level for its linears), and levels are the kernel's bits.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def uniform(comp: QuantizationCompressor, ctx=None, **_) -> dict:
     """Reads no calibration data: `seed` and `tokens` are accepted and unused."""
     bits = comp.target
     require(float(bits).is_integer(), f"uniform needs an integer target, got {bits} average bits (use dp)")
+    levels = comp.levels(comp.units()[0])
+    require(int(bits) in levels, f"uniform needs a target among the levels {levels}, got {bits} (use dp)")
     return {u: int(bits) for u in comp.units()}
 
 
@@ -62,17 +65,18 @@ def solve_dp(weights: list[int], errors: list[list[float]], levels: list[int], b
 
 @torch.no_grad()
 def layer_errors(comp: QuantizationCompressor, ctx, rows: torch.Tensor) -> dict[str, list[float]]:
-    """e(u, b): calibration KL with only linear u at b bits, every other linear dense (the live model's)."""
+    """e(u, b): calibration KL with only unit u at b bits, every other unit dense (the live model's)."""
     prefix = ctx.prefix(rows)  # dense hidden states entering every block, computed once
     errors = {}
     for unit in comp.units():
-        linear = comp._linear(unit)
-        dense = linear.weight.detach().clone()
+        linears = comp._linears(unit)  # one linear, or the fused members
+        dense = [linear.weight.detach().clone() for linear in linears]
         errs = []
         for bits in comp.levels(unit):
             comp.apply(unit, bits)
             errs.append(ctx.kl_from(prefix, comp.block_of(unit)))
-        linear.weight.copy_(dense)
+        for linear, weight in zip(linears, dense, strict=True):
+            linear.weight.copy_(weight)
         errors[unit] = errs
     return errors
 

@@ -31,7 +31,7 @@ class Compressor(ABC):
 
     @abstractmethod
     def levels(self, unit: str) -> list[int]:
-        """The levels this unit can take, ascending (a step is +-1 between neighbours)."""
+        """The levels this unit can take, ascending (a level step moves to a neighbour in this list)."""
 
     @abstractmethod
     def cost(self, unit: str, level: int) -> float:

@@ -7,8 +7,9 @@ it because its output is never used). Budget = number of removed units of each k
   granularity "block": units block.<i>, one group; target k removes k blocks.
 A level switch trades one removed unit for one kept unit of the same kind, so the budget stays exact.
 
-`stitch` writes a real compressed model: removed blocks are deleted (layer_idx renumbered), removed sublayers
-become zeroed output projections (output-exact, loadable by plain transformers).
+`stitch` writes a really smaller model: removed blocks are deleted (a plain folder stock transformers loads), removed
+sublayers of a Llama are absent from the files and the compute (DeciLM `block_configs`, loaded by
+`evopress.load_model`); see stitching.py.
 """
 
 from __future__ import annotations
@@ -168,47 +169,39 @@ class DepthCompressor(Compressor):
 
 
 def stitch(model_dir: Path, profile: dict, db, out_dir: Path) -> dict:
-    """Write the depth-pruned model of `profile` (a profile json dict) into `out_dir`, with the profile beside it."""
-    import torch
+    """Write the depth-pruned model of `profile` (a profile json dict) into `out_dir`, with the profile beside it.
 
-    from evopress.models import load_model, write_model_folder
+    Removed parts are gone from the files and the compute (see stitching.py for the layout each case gets)."""
+    from evopress.compressors.depth.stitching import prune, weights_bytes, writer_for
+    from evopress.models import load_model, strip_gguf_quantization, write_model_folder
+    from evopress.profile import validate_units
 
     model, tokenizer = load_model(str(model_dir))
     adapter = ModelAdapter(model)
     comp = make(adapter, profile["target"], options=profile.get("options"))
-    from evopress.profile import validate_units
-
     validate_units(profile["units"], comp)
     removed = comp.removed_blocks(profile["units"])
-    with torch.no_grad():
-        if comp.granularity == "sublayer":
-            for kind, blocks in removed.items():
-                for b in blocks:
-                    # Zeroing the sublayer's output projection makes its contribution exactly zero.
-                    last = "o_proj" if kind == "attn" else "down_proj"
-                    lin = adapter.sublayer(b, kind).get_submodule(last)
-                    lin.weight.zero_()
-                    if lin.bias is not None:
-                        lin.bias.zero_()
-        else:
-            keep = [blk for i, blk in enumerate(adapter.blocks) if i not in set(removed["block"])]
-            for new_idx, blk in enumerate(keep):
-                attn = getattr(blk, adapter.spec.attn)
-                if hasattr(attn, "layer_idx"):
-                    attn.layer_idx = new_idx
-            parent_path, _, attr = adapter.spec.layers.rpartition(".")
-            setattr(model.get_submodule(parent_path), attr, torch.nn.ModuleList(keep))
-            if getattr(model.config, "layer_types", None):
-                model.config.layer_types = [
-                    t for i, t in enumerate(model.config.layer_types) if i not in set(removed["block"])
-                ]
-            model.config.num_hidden_layers = len(keep)
+    layout, no_ops = prune(adapter, comp.granularity, removed)
     report = {
         "granularity": comp.granularity,
         "removed": json.dumps(removed),
+        "layout": layout,  # dense (plain folder) | decilm (block_configs, evopress.load_model) | zeroed
         "num_hidden_layers": model.config.num_hidden_layers,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    extra = {"profile.json": profile, "stitch.json": report}
-    write_model_folder(model, tokenizer, Path(out_dir), f"{model_dir} + depth profile", extra)
+    stitch_json = {"profile.json": profile, "stitch.json": report}
+
+    def write(folder: Path) -> None:
+        custom = writer_for(layout, model, tokenizer, no_ops)
+        if custom is None:
+            strip_gguf_quantization(model)
+            model.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+        else:
+            custom(folder)
+        report["bytes_weights"] = weights_bytes(folder)
+
+    write_model_folder(
+        model, tokenizer, Path(out_dir), f"{model_dir} + depth profile", stitch_json, writer=write
+    )
     return report

@@ -1,10 +1,14 @@
 """Quantization: every linear of every block is a unit; its level is its bit-width, from a GPTQ level database.
 
-Levels are *bits* (2, 3, 4, 5, 6 by default; any contiguous range inside 1..8), so a level step is one bit.
-cost = bits x parameters of the linear; budget = average bits per parameter over the block linears (group
-scales and zero points are not counted, as in the paper; the packed model's bytes on disk count them).
-group = the linear's number of weights: a level switch raises one linear a bit and lowers another linear *of
-the same size* a bit, so the average stays exact (the default model has three sizes: q/o, k/v, MLP).
+Levels are *bits* (2, 3, 4, 5, 6 by default; any evenly spaced grid inside 1..8, e.g. 4,8), so a level step is
+one grid step. cost = bits x parameters of the unit; budget = average bits per parameter over the block linears
+(group scales and zero points are not counted, as in the paper; the packed model's bytes on disk count them).
+group = the unit's number of weights: a level switch raises one unit a step and lowers another unit *of the
+same size* a step, so the average stays exact (the default model has three sizes: q/o, k/v, MLP).
+
+Serving options (serving.py; search-time options, the database does not depend on them): `fuse: true` makes
+q/k/v of a block one unit and gate/up one unit (vLLM fuses them and needs one scheme per fused module);
+`kernel: marlin` keeps only the bits that kernel runs (4, 8). Both default off: per-linear units as in the paper.
 
 Group size of the grid: 64 by default. The default model's linears have input widths 576 and 1536: the
 authors' 128 does not divide 576, 64 is the largest power of two dividing both (192 would too, at 3x coarser
@@ -35,13 +39,21 @@ from evopress.compressors.linears import (
     split_unit,
 )
 from evopress.compressors.quantization.gptq import Quantized, check_bits, check_group_size, dequantize, gptq
+from evopress.compressors.quantization.serving import (
+    KERNELS,
+    fused_conflicts,
+    fused_units,
+    grid_step,
+    kernel_levels,
+)
 from evopress.config import options_from
 from evopress.database import DatabaseSpec, LevelDatabase
 from evopress.errors import require
 
 
 def parse_bits(value) -> tuple[int, ...]:
-    """'2,3,4' | [2, 3, 4] | 4 -> (2, 3, 4); a contiguous ascending range inside 1..8 (a level step is one bit)."""
+    """'2,3,4' | [2, 3, 4] | '4,8' | 4 -> (2, 3, 4) ...; ascending, evenly spaced, inside 1..8 (a level step is
+    one grid step, the same number of bits everywhere)."""
     if isinstance(value, str):
         try:
             value = [int(v) for v in value.replace(" ", "").split(",") if v]
@@ -51,10 +63,7 @@ def parse_bits(value) -> tuple[int, ...]:
     require(bits, "bits is empty; expected bit-widths in 1..8 like 2,3,4,5,6")
     for b in bits:
         require(1 <= b <= 8, f"bit-width {b} outside 1..8")
-    require(
-        list(bits) == list(range(bits[0], bits[-1] + 1)),
-        f"bits={list(bits)} must be a contiguous ascending range (a level step is one bit), e.g. 2,3,4,5,6",
-    )
+    grid_step(bits)
     return bits
 
 
@@ -70,6 +79,9 @@ class QuantOptions:
     n_samples: int = 128  # calibration sequences for the Hessians
     blocksize: int = 8  # columns per lazy-update block (small blocks are several times faster on a CPU)
     batch_size: int = 8
+    # Serving constraints (search-time; not build parameters, see serving.py)
+    fuse: bool = False  # q/k/v of a block one unit, gate/up one unit (vLLM's fused qkv_proj / gate_up_proj)
+    kernel: str = ""  # "" = any bits of the database; "marlin" = only the bits (and group sizes) Marlin runs
 
     @classmethod
     def from_dict(cls, options: dict | None) -> QuantOptions:
@@ -91,13 +103,29 @@ class QuantOptions:
         require(self.n_samples >= 1, f"n_samples={self.n_samples} must be >= 1")
         require(self.blocksize >= 1, f"blocksize={self.blocksize} must be >= 1")
         require(self.batch_size >= 1, f"batch_size={self.batch_size} must be >= 1")
+        kernel_levels(self.bits, self.kernel, self.group_size)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The bits the search uses: the database's, less those the kernel does not run."""
+        return kernel_levels(self.bits, self.kernel, self.group_size)
 
     def build_params(self) -> dict:
-        """What a database depends on (checked when it is reused); batch_size is not."""
+        """What a database depends on (checked when it is reused); batch_size and the serving options are not."""
         params = asdict(self)
-        del params["batch_size"]
+        for name in ("batch_size", *SEARCH_OPTIONS):
+            del params[name]
         params["bits"] = list(self.bits)
         return params
+
+    def search_options(self) -> dict:
+        """The serving options that differ from the defaults: recorded in profiles, so stitch and evaluate rebuild
+        the same units (a profile without them is per-linear, as before these options existed)."""
+        defaults = QuantOptions()
+        return {k: getattr(self, k) for k in SEARCH_OPTIONS if getattr(self, k) != getattr(defaults, k)}
+
+
+SEARCH_OPTIONS = ("fuse", "kernel")
 
 
 def check_target(target: float, bits: tuple[int, ...]) -> float:
@@ -112,7 +140,9 @@ def check_settings(target: float, options: dict, database: dict) -> None:
     """What can be checked without the model: the (database and search) options and the target's range."""
     opts = QuantOptions.from_dict({**database, **options})
     if target is not None:
-        check_target(target, opts.bits)
+        # Without the database's bits (a search given only --db) the kernel's own grid bounds the target.
+        known = "bits" in database or "bits" in options or not opts.kernel
+        check_target(target, opts.levels if known else KERNELS[opts.kernel].bits)
 
 
 def unit_shapes(rows: int, cols: int, group_size: int) -> dict[str, list[int]]:
@@ -131,19 +161,25 @@ def database_spec(adapter: ModelAdapter, model_sha256: str, opts: QuantOptions) 
 def exact_group_totals(sizes: dict[str, int], target: float, bits: tuple[int, ...]) -> dict[int, int]:
     """Per size group, the sum of bits over its units so that the parameter-weighted average is `target` exactly.
 
-    Every group gets round(target * count) bits; if that misses the exact total, the target is not reachable
-    with swaps inside groups from this split and is refused (the one-line error names the nearest averages).
+    Every group gets the sum nearest target * count that its units can take (bits[0] * count plus whole grid
+    steps); if that misses the exact total, the target is not reachable with swaps inside groups from this
+    split and is refused (the one-line error names the nearest average).
     """
+    step = grid_step(bits)
     counts: dict[int, int] = {}
     for n in sizes.values():
         counts[n] = counts.get(n, 0) + 1
     total = sum(sizes.values())
-    totals = {n: round(target * c) for n, c in counts.items()}
+    # sums the units can take are bits[0] * c + k * step, i.e. congruent to `off` modulo step (off = 0 for
+    # one-bit steps: exactly round(target * c), as before grids existed)
+    off = {c: bits[0] * c % step for c in counts.values()}
+    totals = {n: off[c] + step * round((target * c - off[c]) / step) for n, c in counts.items()}
     reached = sum(n * s for n, s in totals.items())
     require(
         abs(reached - target * total) <= 1e-6 * total,
         f"target {target} average bits cannot be split exactly over the size groups "
-        f"{dict(sorted(counts.items()))} (weights: linears); nearest reachable {reached / total:.6f}",
+        f"{dict(sorted(counts.items()))} (weights: units) in steps of {step} bits; "
+        f"nearest reachable {reached / total:.6f}",
     )
     for n, s in totals.items():
         require(bits[0] * counts[n] <= s <= bits[-1] * counts[n], f"target {target} outside {bits}")
@@ -158,22 +194,28 @@ class QuantizationCompressor(Compressor):
         self.adapter = adapter
         self.db = db
         self.opts = opts
-        self.target = check_target(target, opts.bits)
+        self.target = check_target(target, opts.levels)
         shapes = linear_sizes(adapter)
-        self.sizes = {u: r * c for u, (r, c) in shapes.items()}
+        # unit -> its linears (database units): itself, or q/k/v and gate/up of a block together (fuse)
+        self.members = fused_units(list(shapes)) if opts.fuse else {u: [u] for u in shapes}
+        self.sizes = {u: sum(shapes[m][0] * shapes[m][1] for m in ms) for u, ms in self.members.items()}
 
     @property
     def options(self) -> dict:
-        return {}  # everything else is in the database's manifest
+        return self.opts.search_options()  # everything else is in the database's manifest
 
     def _linear(self, unit: str) -> torch.nn.Linear:
         return linear_of(self.adapter, unit)
+
+    def _linears(self, unit: str) -> list[torch.nn.Linear]:
+        """The nn.Linear modules of a unit (one, or the fused members)."""
+        return [linear_of(self.adapter, m) for m in self.members[unit]]
 
     def units(self) -> list[str]:
         return list(self.sizes)
 
     def levels(self, unit: str) -> list[int]:
-        return list(self.opts.bits)
+        return list(self.opts.levels)
 
     def cost(self, unit: str, level: int) -> float:
         return float(level * self.sizes[unit])
@@ -197,14 +239,16 @@ class QuantizationCompressor(Compressor):
         return self.total_cost(profile) / self.total_params()
 
     def initial_profile(self) -> Profile:
-        """Uniform at an integer target; else, per size group, floor/ceil bits spread evenly over the group."""
-        profile = {}
-        for n, total in exact_group_totals(self.sizes, self.target, self.opts.bits).items():
+        """Uniform at a target on the grid; else, per size group, the two nearest levels spread evenly."""
+        profile, levels = {}, self.opts.levels
+        step = grid_step(levels)
+        for n, total in exact_group_totals(self.sizes, self.target, levels).items():
             units = [u for u in self.units() if self.sizes[u] == n]
-            low, extra = divmod(total, len(units))
-            # unit i gets the extra bit when the running share crosses an integer: evenly spread over depth
+            low, extra = divmod((total - levels[0] * len(units)) // step, len(units))
+            # unit i gets the extra step when the running share crosses an integer: evenly spread over depth
             for i, u in enumerate(units):
-                profile[u] = low + ((i + 1) * extra // len(units) - i * extra // len(units))
+                up = (i + 1) * extra // len(units) - i * extra // len(units)
+                profile[u] = levels[0] + step * (low + up)
         return {u: profile[u] for u in self.units()}
 
     def quantized(self, unit: str, bits: int) -> Quantized:
@@ -218,7 +262,12 @@ class QuantizationCompressor(Compressor):
 
     @torch.no_grad()
     def apply(self, unit: str, level: int) -> None:
-        self._linear(unit).weight.copy_(self.weight(unit, level))
+        for member in self.members[unit]:
+            linear_of(self.adapter, member).weight.copy_(self.weight(member, level))
+
+    def linear_bits(self, profile: Profile) -> dict[str, int]:
+        """Per-linear bits of a profile (fused units spread over their members): what the stitch writes."""
+        return {m: level for unit, level in profile.items() for m in self.members[unit]}
 
 
 def open_database(adapter: ModelAdapter, db, options: dict) -> tuple[LevelDatabase, QuantOptions]:
@@ -314,12 +363,17 @@ def stitch(
     require(format in FORMATS, f"stitch format {format!r} is not one of {', '.join(FORMATS)}")
     model, tokenizer, comp, units = open_for_stitch(make, model_dir, profile, db)
     adapter = comp.adapter
-    linears = {linear_prefix(adapter, u): comp.quantized(u, b) for u, b in units.items()}
+    linears = {linear_prefix(adapter, u): comp.quantized(u, b) for u, b in comp.linear_bits(units).items()}
+    # vLLM loads q/k/v and gate/up as one module with one scheme: say whether this folder can be (fuse makes it so)
+    conflicts = fused_conflicts({name: q.bits for name, q in linears.items()})
+    require(not (comp.opts.fuse and conflicts), f"fused parts differ in bits in {conflicts[:3]} (a bug)")
     report = {
         "method": "quantization",
         "target": comp.target,
         "average_bits": comp.average_bits(units),
         "format": format,
+        **comp.options,
+        "fused_parts_agree": not conflicts,
     }
     stitch_json = {}  # written by write_model_folder after `write`, so it can hold the sizes
 

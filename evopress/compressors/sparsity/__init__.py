@@ -264,11 +264,24 @@ def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict
 
 
 # --- stitching -----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def stitch(model_dir: Path, profile: dict, db: Path | None, out_dir: Path) -> dict:
-    """Apply a profile's levels from the database to the dense model and save a plain safetensors folder."""
-    from evopress.models import write_model_folder
+# Formats of a stitched folder. dense (default): the pruned weights as zeros in a plain folder, as large as dense,
+# which every tool loads. sparse-bitmask: compressed-tensors' bitmask layout, bytes fall with sparsity, loaded by
+# evopress.load_model only. Not the default because stock transformers with compressed-tensors >= 0.15 (the
+# dropped sparse decompressors, evopress/sparse_format.py) opens such a folder with the linears randomly
+# initialised after a MISSING warning: a default artifact must not load as silent garbage anywhere.
+FORMATS = ("dense", "sparse-bitmask")
 
+
+@torch.no_grad()
+def stitch(
+    model_dir: Path, profile: dict, db: Path | None, out_dir: Path, format: str = "dense"
+) -> dict:
+    """Apply a profile's levels from the database to the dense model and save it in `format` (FORMATS)."""
+    from evopress import sparse_format
+    from evopress.models import write_model_folder
+    from evopress.packing import bytes_on_disk
+
+    require(format in FORMATS, f"stitch format {format!r} is not one of {', '.join(FORMATS)}")
     model, tokenizer, comp, units = open_for_stitch(make, model_dir, profile, db)
     comp.apply_profile(units)
     zeros = sum(int((comp._linear(u).weight == 0).sum()) for u in units)
@@ -280,9 +293,22 @@ def stitch(model_dir: Path, profile: dict, db: Path | None, out_dir: Path) -> di
         "pruned_weights": zeros,
         "linear_params": comp.total_params(),
         "weights": comp.opts.weights,
+        "format": format,
     }
+    stitch_json = {}  # written by write_model_folder after `write`, so it can hold the sizes
+
+    def write(folder: Path) -> None:
+        if format == "dense":
+            model.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+        else:
+            by_id = {id(m): n for n, m in model.named_modules()}
+            names = [by_id[id(comp._linear(u))] for u in units]
+            sparse_format.write(model, tokenizer, names, folder, report["measured_sparsity"])
+            report["bytes_sparse"] = sparse_format.sparse_bytes(folder)
+        report["bytes_total"] = bytes_on_disk(folder)["total"]
+        stitch_json.update(report, profile=profile)
+
     source = f"stitch:sparsity:{profile.get('source', 'profile')}@{comp.target}"
-    write_model_folder(
-        model, tokenizer, Path(out_dir), source, {"stitch.json": {**report, "profile": profile}}
-    )
+    write_model_folder(model, tokenizer, Path(out_dir), source, {"stitch.json": stitch_json}, writer=write)
     return report
