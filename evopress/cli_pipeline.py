@@ -27,6 +27,12 @@ def stage_params(p, stage: str, m: str | None) -> dict:
     return flatten(tree)
 
 
+def stage_order(p, name: str, method: str | None) -> str:
+    """The stage's place in dvc.yaml ("4.2": fourth stage, second method; `dvc stage list` order), for sorting."""
+    order = str(STAGES.index(name) + 1)
+    return f"{order}.{list(p.methods).index(method) + 1}" if method else order
+
+
 def _record(run, result) -> None:
     run.metrics(result.metrics)
     run.tags(result.tags)
@@ -50,7 +56,8 @@ def _run_tracked(name, p, layout, method, label, on_generation, t0):
 
     tracking.backfill_lock_tags(p.tracking, layout.root)  # upstream stages' dvc.lock outs, written by now
     flat = stage_params(p, name, method)
-    with tracking.stage_run(p.tracking, layout.root, label, flat, Layout.deps(name, method)) as run:
+    deps, order = Layout.deps(name, method), stage_order(p, name, method)
+    with tracking.stage_run(p.tracking, layout.root, label, flat, deps, method, order) as run:
         hook = tracking.generation_hook(None)
 
         def on_gen(info):
@@ -60,6 +67,8 @@ def _run_tracked(name, p, layout, method, label, on_generation, t0):
 
         result = run_stage(name, p, layout, method, typer.echo, on_gen)
         _record(run, result)
+        if name == "evaluate":
+            run.score_models(layout.metrics)  # held-out metrics onto the stitched models' pages
         run.metrics({"stage_seconds": time.perf_counter() - t0})
         if name == "report":
             tracking.backfill_lock_tags(p.tracking, layout.root)

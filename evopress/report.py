@@ -59,34 +59,79 @@ def load_metrics(path: Path) -> dict:
 
 
 # --- files the plots and the tracking read -----------------------------------------------------------------------
-def fitness_figure(history_csv: Path):
+KL_LABEL = "KL to dense (lower is better)"
+# What a level means, per method (0 is the method's reference), for the profile plot's axis.
+LEVEL_LABELS = {
+    "depth": "level (1 = removed)",
+    "sparsity": "level (0 = target sparsity, higher = sparser)",
+    "quantization": "bits",
+}
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def best_so_far(values: list[float]) -> list[float]:
+    """Running minimum: each generation scores fresh samples, so the per-generation fitness zigzags."""
+    out, best = [], float("inf")
+    for v in values:
+        best = min(best, v)
+        out.append(best)
+    return out
+
+
+def fitness_figure(history_csv: Path):
+    plt = _pyplot()
     with open(history_csv) as f:
         rows = list(csv.DictReader(f))
+    gens, fitness = [int(r["generation"]) for r in rows], [float(r["fitness"]) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([int(r["generation"]) for r in rows], [float(r["fitness"]) for r in rows], marker=".")
+    ax.plot(gens, fitness, marker=".", alpha=0.6, label="parent, this generation's samples")
+    ax.plot(gens, best_so_far(fitness), drawstyle="steps-post", label="best so far")
     ax.set(
         xlabel="generation",
-        ylabel="KL to dense (calibration)",
+        ylabel=f"{KL_LABEL}\n(calibration)",
         title=f"search: {Path(history_csv).parent.name}",
     )
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend()
     fig.tight_layout()
     return fig
 
 
+def unit_kind(unit: str) -> tuple[int, str]:
+    """(block index, kind) of a unit name: block.3.attn -> (3, attn), block.3.mlp.up_proj -> (3, mlp.up_proj),
+    block.3 -> (3, block); a name outside that scheme is its own kind at index -1."""
+    parts = unit.split(".")
+    if len(parts) >= 2 and parts[0] == "block" and parts[1].isdigit():
+        return int(parts[1]), ".".join(parts[2:]) or "block"
+    return -1, unit
+
+
 def profile_figure(profile_path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    units = json.loads(Path(profile_path).read_text())["units"]
-    fig, ax = plt.subplots(figsize=(max(6, len(units) * 0.08), 3.5))
-    ax.bar(range(len(units)), list(units.values()))
-    ax.set(xlabel="unit (forward order)", ylabel="level", title=f"profile: {Path(profile_path).parent.name}")
+    """Levels per block, one colour (and legend entry) per unit kind: attention vs MLP, or each linear."""
+    plt = _pyplot()
+    spec = json.loads(Path(profile_path).read_text())
+    by_kind: dict[str, list[tuple[int, int]]] = {}
+    for unit, level in spec["units"].items():
+        block, kind = unit_kind(unit)
+        by_kind.setdefault(kind, []).append((block, level))
+    blocks = 1 + max((b for pairs in by_kind.values() for b, _ in pairs), default=0)
+    fig, ax = plt.subplots(figsize=(max(6, 2 + blocks * 0.25 * max(1, len(by_kind) / 2)), 3.5))
+    width = 0.8 / len(by_kind)
+    for i, (kind, pairs) in enumerate(by_kind.items()):
+        xs = [b + (i - (len(by_kind) - 1) / 2) * width for b, _ in pairs]
+        ax.bar(xs, [lv for _, lv in pairs], width=width, label=kind)
+    ylabel = LEVEL_LABELS.get(spec.get("method"), "level")
+    ax.set(xlabel="block", ylabel=ylabel, title=f"profile: {Path(profile_path).parent.name}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    # Beside the axes, not over the bars: a linear method has seven kinds.
+    ax.legend(title="unit kind", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig

@@ -111,7 +111,7 @@ def compress(project: str = str(PROJECT), wait: float = 0.0, lock: bool = True) 
             )
             status = "FINISHED"
         finally:
-            close_pipeline_run(str(root), run_id, status, table_md)
+            close_pipeline_run(str(root), run_id, status, table_md, stages)
     print(table_md)
     if run_id:
         from evopress import params as P

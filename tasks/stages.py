@@ -106,11 +106,14 @@ def open_pipeline_run(project: str, name: str) -> str | None:
 
 
 @task(task_run_name="mlflow close parent run")
-def close_pipeline_run(project: str, run_id: str | None, status: str, table_md: str | None) -> None:
+def close_pipeline_run(
+    project: str, run_id: str | None, status: str, table_md: str | None, stages: list[str] = ()
+) -> None:
+    """End the parent run; its description lists `stages` (dvc.yaml order) with the run behind each."""
     if run_id is None:
         return
     from evopress import params as P
     from evopress import tracking
 
     p = P.load(Path(project) / "params.yaml")
-    tracking.end_pipeline_run(p.tracking, Path(project), run_id, status, table_md)
+    tracking.end_pipeline_run(p.tracking, Path(project), run_id, status, table_md, list(stages))

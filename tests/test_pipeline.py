@@ -195,7 +195,7 @@ def test_mlflow_holds_stage_runs_with_provenance(project):
     search = by_stage["search@depth"]
     tags = search.data.tags
     assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
-    assert len(tags["model.sha256"]) == 64 and len(tags["data.sha256.calibration"]) == 64
+    assert len(tags["in.model"]) == 64 and len(tags["in.calibration"]) == 64
     assert tags["dvc.dep.data/model"] and tags["dvc.dep.data/text"]
     # Back-filled by the report stage: the md5 dvc.lock holds for the search's own profile.
     lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]["search@depth"]
@@ -213,6 +213,61 @@ def test_mlflow_holds_stage_runs_with_provenance(project):
         stitched["model.stitched.path"].endswith("models/depth")
         and len(stitched["model.stitched.sha256"]) == 64
     )
+
+
+def _latest(metrics) -> dict[str, float]:
+    """A LoggedModel's metrics, the newest value of each key (evaluate may have scored the model twice)."""
+    return {m.key: m.value for m in sorted(metrics, key=lambda m: m.timestamp)}
+
+
+def test_mlflow_lineage_from_each_stitched_model_to_its_inputs(project):
+    """An auditor's path through the MLflow client, by run id only: LoggedModel -> the stitch run that output it ->
+    the search run it names -> the base model and token set hashes that search read. The evaluate run pins every
+    profile, baseline folder and stitched model it read (dvc.lock md5s) and puts held-out metrics on each model."""
+    proj, _ = project
+    from evopress import params as P
+    from evopress import tracking
+    from evopress.lineage import read_lock
+
+    runs = tracking.stage_runs(P.load(proj / "params.yaml").tracking, proj)  # newest first
+    client, lock = tracking.MlflowClient(), read_lock(proj)
+    assert (
+        client.get_experiment(runs[0].info.experiment_id).tags["mlflow.experimentKind"]
+        == "custom_model_development"
+    )
+    base = json.loads((proj / "data/model/evopress_model.json").read_text())["sha256"]
+    data = json.loads((proj / "data/text/data.json").read_text())["sha256"]
+    rows = json.loads((proj / "runs/metrics.json").read_text())
+    evaluate = next(r for r in runs if r.data.tags["evopress.stage"] == "evaluate")
+    evaluate = client.get_run(evaluate.info.run_id)  # a search leaves a run's inputs out
+    assert not [k for k in evaluate.data.metrics if k.endswith(".budget")]  # the target is what runs show
+    for m in ("depth", "sparsity", "quantization"):
+        stitch = client.get_run(evaluate.data.tags[f"from.stitch@{m}"])
+        (output,) = stitch.outputs.model_outputs
+        model = client.get_logged_model(output.model_id)
+        assert model.name == f"evopress-{m}" and model.source_run_id == stitch.info.run_id
+        search = client.get_run(model.params["search_run_id"])
+        assert stitch.data.tags[f"from.search@{m}"] == search.info.run_id
+        profile_md5 = search.data.tags[f"dvc.out.runs/search/{m}/profile.json"]
+        assert profile_md5 == stitch.data.tags["in.profile"] == model.params["profile_md5"]
+        assert search.data.tags["in.model"] == model.params["base_model_sha256"] == base
+        assert (
+            search.data.tags["in.calibration"]
+            == model.params["calibration_sha256"]
+            == data["calibration.safetensors"]
+        )
+        assert search.data.tags[f"from.build_db@{m}"] and search.data.tags["from.prepare_data"]
+        assert model.params["path"] == f"models/{m}" and int(model.params["bytes_on_disk"]) > 0
+        assert model.params["format"] and model.params["loader"] and len(model.params["profile_sha256"]) == 64
+        pins = evaluate.data.tags
+        assert pins[f"in.{m}.stitched"] == lock[f"stitch@{m}"]["outs"][f"models/{m}"]
+        assert pins[f"in.{m}.profile"] == lock[f"search@{m}"]["outs"][f"runs/search/{m}/profile.json"]
+        assert pins[f"in.{m}.baselines"] == lock[f"baselines@{m}"]["outs"][f"runs/baselines/{m}"]
+        assert output.model_id in {i.model_id for i in evaluate.inputs.model_inputs}
+        scored = _latest(model.metrics)
+        assert scored["heldout_perplexity"] == pytest.approx(rows[f"{m}/evopress"]["heldout_perplexity"])
+        assert scored["heldout_kl"] == pytest.approx(rows[f"{m}/evopress"]["heldout_kl"])
+        assert client.get_metric_history(search.info.run_id, "best_fitness")  # beside the per-generation one
 
 
 def test_bad_params_fail_before_any_stage(tmp_path):
