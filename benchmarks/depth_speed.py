@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -27,22 +26,13 @@ import torch
 import evopress
 from evopress.adapter import ModelAdapter
 from evopress.compressors.depth import make, stitch
+from evopress.device import cpu_name
 from evopress.models import load_model, parse_dtype
 from evopress.profile import make_profile
 
 RESULTS = Path(__file__).parent / "results" / "depth_speed.json"
 QUALITY = Path(__file__).parent / "results" / "depth_quality.json"
 PROFILES = {"sublayer": "evopress_sublayer", "block": "evopress_block"}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def weights_bytes(folder: Path) -> int:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from evopress.errors import require
+from evopress.io import read_config_json, unique_tensors
 
 # For annotations only: evopress.packing imports this module (its loader reads both formats).
 if TYPE_CHECKING:
@@ -141,12 +142,7 @@ def write(model, tokenizer, linears: dict[str, Quantized], folder: Path) -> dict
     path.write_text(json.dumps({**json.loads(path.read_text()), "quantization_config": qconfig}, indent=2))
     skip = {f"{name}.weight" for name in linears}
     # tied weights (lm_head = embed_tokens) are one tensor: saved once under its first name, as save_pretrained does
-    seen, tensors = set(), {}
-    for key, tensor in model.state_dict().items():
-        if key in skip or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[key] = tensor.detach().contiguous()
+    tensors = unique_tensors(model, skip)
     for name, q in linears.items():
         tensors.update(linear_tensors(name, q))
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -155,13 +151,7 @@ def write(model, tokenizer, linears: dict[str, Quantized], folder: Path) -> dict
 
 def is_compressed_tensors(folder: Path) -> bool:
     """A folder whose config.json declares a compressed-tensors quantization (ours or llm-compressor's)."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        qconfig = json.loads(path.read_text()).get("quantization_config") or {}
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+    qconfig = (read_config_json(folder) or {}).get("quantization_config")
     return isinstance(qconfig, dict) and qconfig.get("quant_method") == "compressed-tensors"
 
 

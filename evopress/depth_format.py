@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from evopress.errors import require
+from evopress.io import read_config_json, unique_tensors
 
 MODEL_TYPE = "nemotron-nas"
 ARCHITECTURE = "DeciLMForCausalLM"
@@ -160,26 +161,15 @@ def write(model, tokenizer, no_ops: list[dict[str, bool]], folder: Path) -> dict
     path.write_text(json.dumps(config, indent=2))
     (folder / f"{CONFIG_MODULE}.py").write_text(CONFIG_SOURCE)
     # tied weights (lm_head = embed_tokens) are one tensor: saved once under its first name, as save_pretrained does
-    seen, tensors = set(), {}
-    for key, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[key] = tensor.detach().contiguous()
+    tensors = unique_tensors(model)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     return config
 
 
 def is_decilm(folder: Path) -> bool:
     """A folder whose config.json is in the DeciLM (Nemotron-NAS) layout."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(config, dict) and config.get("model_type") == MODEL_TYPE and "block_configs" in config
+    config = read_config_json(folder) or {}
+    return config.get("model_type") == MODEL_TYPE and "block_configs" in config
 
 
 def llama_config(folder: Path):

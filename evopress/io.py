@@ -88,3 +88,27 @@ def require_apart(out: Path, folders: dict | None = None, files: dict | None = N
             f"--out {str(out)!r} would write over the {name} {str(file)!r} (the file, its folder or a folder "
             "holding it); allowed: an --out elsewhere",
         )
+
+
+def read_config_json(folder: Path) -> dict | None:
+    """A model folder's config.json as a dict; None when absent or unreadable (format detectors then say no)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def unique_tensors(model, skip: set[str] | frozenset[str] = frozenset()) -> dict:
+    """The state dict with tied tensors (lm_head = embed_tokens) kept once under their first name, as
+    save_pretrained does, and the keys in `skip` left out (the writer stores those in its own layout)."""
+    seen, tensors = set(), {}
+    for key, tensor in model.state_dict().items():
+        if key in skip or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[key] = tensor.detach().contiguous()
+    return tensors

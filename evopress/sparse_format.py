@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from evopress.errors import require
+from evopress.io import read_config_json, unique_tensors
 
 FORMAT = "sparse-bitmask"
 WEIGHTS_FILE = "model.safetensors"
@@ -106,12 +107,7 @@ def write(model, tokenizer, names: list[str], folder: Path, global_sparsity: flo
     path.write_text(json.dumps({**json.loads(path.read_text()), "quantization_config": qconfig}, indent=2))
     skip = {f"{name}.weight" for name in names}
     # tied weights (lm_head = embed_tokens) are one tensor: saved once under its first name, as save_pretrained does
-    seen, tensors = set(), {}
-    for key, tensor in model.state_dict().items():
-        if key in skip or tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[key] = tensor.detach().contiguous()
+    tensors = unique_tensors(model, skip)
     for name in names:
         fields = compress(model.get_submodule(name).weight)
         tensors.update({f"{name}.{k}": v for k, v in fields.items()})
@@ -121,14 +117,9 @@ def write(model, tokenizer, names: list[str], folder: Path, global_sparsity: flo
 
 def is_sparse_bitmask(folder: Path) -> bool:
     """A folder whose config.json declares compressed-tensors' sparse-bitmask sparsity."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        qconfig = json.loads(path.read_text()).get("quantization_config") or {}
-        return (qconfig.get("sparsity_config") or {}).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+    qconfig = (read_config_json(folder) or {}).get("quantization_config")
+    sparsity = qconfig.get("sparsity_config") if isinstance(qconfig, dict) else None
+    return isinstance(sparsity, dict) and sparsity.get("format") == FORMAT
 
 
 def sparse_bytes(folder: Path) -> int:

@@ -273,9 +273,7 @@ FORMATS = ("dense", "sparse-bitmask")
 
 
 @torch.no_grad()
-def stitch(
-    model_dir: Path, profile: dict, db: Path | None, out_dir: Path, format: str = "dense"
-) -> dict:
+def stitch(model_dir: Path, profile: dict, db: Path | None, out_dir: Path, format: str = "dense") -> dict:
     """Apply a profile's levels from the database to the dense model and save it in `format` (FORMATS)."""
     from evopress import sparse_format
     from evopress.models import write_model_folder
