@@ -154,7 +154,7 @@ def evaluate_cmd(
     dtype: str = DTYPE,
     out: Path = typer.Option(Path(METRICS), help="metrics json to write"),
 ) -> None:
-    """Held-out perplexity (and KL to dense) of the dense model or of a profile applied to it."""
+    """Held-out perplexity (and KL to dense) of the dense model, or of a profile stitched and loaded from its folder."""
     from evopress.evaluate import Candidate, evaluate_candidates
     from evopress.io import atomic_write_json, require_apart
 

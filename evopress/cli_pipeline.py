@@ -13,6 +13,7 @@ import typer
 
 from evopress.cli_app import app
 from evopress.layout import METRICS, PER_METHOD, STAGES, Layout
+from evopress.layout import stage_order as layout_order
 
 PARAMS = typer.Option(Path("params.yaml"), help="the pipeline's params file")
 
@@ -29,8 +30,7 @@ def stage_params(p, stage: str, m: str | None) -> dict:
 
 def stage_order(p, name: str, method: str | None) -> str:
     """The stage's place in dvc.yaml ("4.2": fourth stage, second method; `dvc stage list` order), for sorting."""
-    order = str(STAGES.index(name) + 1)
-    return f"{order}.{list(p.methods).index(method) + 1}" if method else order
+    return layout_order(f"{name}@{method}" if method else name, list(p.methods))
 
 
 def _record(run, result) -> None:

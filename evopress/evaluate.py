@@ -1,14 +1,28 @@
-"""Held-out evaluation: perplexity (and KL against the dense model) of the dense model and of any profile.
+"""Held-out evaluation of what is delivered: every profile's stitched folder, loaded as a user loads it.
 
-`evaluate_candidates` is the one evaluation the evaluate stage and the `evaluate` command both run: the dense
-model, then each profile applied to a fresh copy of the dense model (database methods overwrite weights), with
-the dense reference computed once per token set. Size comes from the profile's compressor (`size_share`), the
-same rule for every method.
+`evaluate_candidates` is the one evaluation the evaluate stage and the `evaluate` command both run. The dense model
+is measured first and its reference (for the KL) computed once per token set. Each profile (searched or a
+baseline) is then
+  1. applied live to a fresh dense model (what the search scored): its perplexity on the first token set is the
+     check figure, `<set>_perplexity_live`;
+  2. stitched into its artifact (the candidate's folder when it names one, e.g. models/<method>; else a temporary
+     folder stitched here by the stitch stage's code and removed after the row);
+  3. loaded from that folder through `evopress.load_model` and measured: `<set>_perplexity` and `<set>_kl` are the
+     delivered model's, as are lm-eval's task figures; bytes on disk of the folder, its format and loader (read
+     from its files), and its forward tokens/s against the dense model's, timed side by side in the same run.
+The delivered and live perplexities must agree within `DELIVERED_TOLERANCE`; otherwise the row is refused (the
+artifact is not what was searched). `size` stays the profile's compressor's `size_share` (its budget rule);
+`size_on_disk` is the folder's bytes over the dense folder's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +30,13 @@ import torch
 
 from evopress.adapter import ModelAdapter
 from evopress.config import ComputeConfig
-from evopress.errors import UserError
+from evopress.errors import UserError, require
 from evopress.fitness import DenseReference, perplexity, perplexity_and_kl
 from evopress.zero_shot import LmEvalParams
+
+DELIVERED_TOLERANCE = 0.005  # relative gap allowed between the delivered and the live perplexity
+SPEED_TOKENS = 512  # tokens of the one batch the speed is timed on (whole held-out rows, at least one)
+SPEED_ROUNDS = 3  # timed rounds per model (after one warm-up each); the median counts
 
 
 def evaluate_live(
@@ -52,7 +70,43 @@ class Candidate:
     method: str | None = None
     profile: Path | None = None
     db: Path | None = None
-    stitched: Path | None = None  # the deliverable: loaded and measured too when given
+    stitched: Path | None = None  # the deliverable (must exist); None: stitched into a temporary folder here
+
+
+# --- speed: forward tokens/s, side by side -------------------------------------------------------------------------
+def speed_batch(tokens: torch.Tensor, want: int = SPEED_TOKENS) -> torch.Tensor:
+    """The first whole rows of `tokens` holding at least `want` tokens (all rows when fewer)."""
+    return tokens[: max(1, math.ceil(want / tokens.shape[1]))]
+
+
+@torch.no_grad()
+def _forward_seconds(model, ids: torch.Tensor) -> float:
+    """One no-cache forward as a user runs it (the logits really produced)."""
+    start = time.perf_counter()
+    model(input_ids=ids, use_cache=False).logits.sum()
+    return time.perf_counter() - start
+
+
+def timed_forwards(models: dict, ids: torch.Tensor, rounds: int = SPEED_ROUNDS) -> dict[str, list[float]]:
+    """name -> seconds of each round's forward; each round times every model once, so a busy machine slows all
+    of them alike (one warm-up forward each first)."""
+    for model in models.values():
+        _forward_seconds(model, ids)
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            seconds[name].append(_forward_seconds(model, ids))
+    return seconds
+
+
+def speed_facts(dense, delivered, ids: torch.Tensor, rounds: int = SPEED_ROUNDS) -> dict[str, float]:
+    """Forward tokens/s of `delivered` and of `dense` (median over rounds), and the median per-round ratio."""
+    s = timed_forwards({"dense": dense, "delivered": delivered}, ids, rounds)
+    return {
+        "tokens_per_second": ids.numel() / statistics.median(s["delivered"]),
+        "dense_tokens_per_second": ids.numel() / statistics.median(s["dense"]),
+        "speed_vs_dense": statistics.median(d / c for d, c in zip(s["dense"], s["delivered"], strict=True)),
+    }
 
 
 def _measure(adapter, sets: dict, refs: dict, batch_size: int) -> dict:
@@ -87,31 +141,84 @@ def _checked_profile(c: Candidate, adapter, sha: str | None):
     return method, spec, comp, units
 
 
+def check_delivered(key: str, folder: Path, delivered: float, live: float, tolerance: float) -> float:
+    """The relative gap delivered/live - 1 of two perplexities; a one-line refusal when it exceeds `tolerance`."""
+    gap = delivered / live - 1
+    require(
+        abs(gap) <= tolerance,
+        f"{key}: the stitched folder {str(folder)!r} scores perplexity {delivered:.4f}, the profile applied live "
+        f"{live:.4f} ({gap:+.2%}, over the {tolerance:.1%} tolerance): the artifact is not what was searched",
+    )
+    return gap
+
+
+@contextlib.contextmanager
+def _artifact(c: Candidate, method: str, model_dir: Path, scratch: Path | None) -> Iterator[Path]:
+    """The candidate's stitched folder: its own (checked to exist), or one stitched now into a temporary folder
+    under `scratch` (removed afterwards)."""
+    if c.stitched is not None:
+        require(
+            Path(c.stitched).is_dir(),
+            f"stitched model {str(c.stitched)!r} of {method}/{c.label} is missing; run the stitch stage",
+        )
+        yield Path(c.stitched)
+        return
+    from evopress.stages import stitch
+
+    if scratch is not None:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".evaluate-{method}-{c.label}-", dir=scratch) as tmp:
+        folder = Path(tmp) / "model"
+        stitch(method, model_dir, Path(c.profile), c.db, folder)
+        yield folder
+
+
+def _folder_facts(folder: Path, dense_bytes: int | None) -> dict:
+    from evopress.artifact import bytes_on_disk, model_format
+
+    fmt, loader = model_format(folder)
+    size = bytes_on_disk(folder)
+    share = {"size_on_disk": size / dense_bytes} if dense_bytes else {}
+    return {"format": fmt, "loader": loader, "bytes_on_disk": size, **share}
+
+
 def _profile_row(
-    c: Candidate, load, sets: dict, refs: dict, compute: ComputeConfig, sha: str | None, tasks
+    c: Candidate,
+    env: dict,
+    sets: dict,
+    refs: dict,
+    compute: ComputeConfig,
+    tasks,
+    tolerance: float,
 ) -> dict:
+    import evopress
     from evopress.methods import database_sha256
 
-    adapter = load()  # a fresh dense model: profiles of database methods overwrite weights
-    method, spec, comp, units = _checked_profile(c, adapter, sha)
+    first = next(iter(sets))
+    live = env["load"]()  # a fresh dense model: profiles of database methods overwrite weights
+    method, spec, comp, units = _checked_profile(c, live, env["sha"])
+    key = f"{method}/{c.label}"
     row = {"method": method, "profile": c.label, "source": spec["source"], "target": spec["target"]}
     row.update(budget=spec["budget"], size=comp.size_share(units))  # size before applying: dropped modules go
     comp.apply_profile(units)
-    row.update(_measure(adapter, sets, refs, compute.batch_size))
-    row.update(tasks(adapter))
+    live_ppl = perplexity(live, sets[first], compute.batch_size)  # the check figure: the profile as searched
+    del live, comp
+    with _artifact(c, method, env["model_dir"], env["scratch"]) as folder:
+        row.update(_folder_facts(folder, env["dense_bytes"]))
+        delivered = ModelAdapter(evopress.load_model(folder, dtype=compute.dtype))
+        row.update(_measure(delivered, sets, refs, compute.batch_size))
+        row[f"{first}_perplexity_live"] = live_ppl
+        row[f"{first}_live_gap"] = check_delivered(
+            key, folder, row[f"{first}_perplexity"], live_ppl, tolerance
+        )
+        row.update(speed_facts(env["dense"].model, delivered.model, env["speed_ids"]))
+        row.update(tasks(delivered))
     row["database_sha256"] = database_sha256(method, c.db)
-    if c.stitched is not None and Path(c.stitched).is_dir():
-        # The deliverable itself, loaded from its folder: must match the live profile's perplexity.
-        first = next(iter(sets))
-        stitched = load(c.stitched)
-        row["stitched_perplexity"] = evaluate_live(stitched, sets[first], None, compute.batch_size)[
-            "perplexity"
-        ]
     return row
 
 
 def _task_runner(model_dir: Path, params: LmEvalParams | None) -> Callable[[ModelAdapter], dict]:
-    """adapter -> lm-eval figures of its live model; a no-op when no tasks are configured."""
+    """adapter -> lm-eval figures of its model (the delivered one); a no-op when no tasks are configured."""
     if params is None or not params.enabled:
         return lambda _adapter: {}
     from transformers import AutoTokenizer
@@ -132,9 +239,15 @@ def evaluate_candidates(
     kl: bool = True,
     log: Callable[[str], None] = print,
     lm_eval: LmEvalParams | None = None,
+    scratch: Path | None = None,
+    tolerance: float = DELIVERED_TOLERANCE,
 ) -> dict[str, dict]:
-    """label -> metrics row ({set}_perplexity, {set}_kl, size, target, lm_eval.<task>.<metric>, ...) of every
-    candidate; lm-eval's tasks run on the same live model as the perplexity when `lm_eval` names tasks."""
+    """label -> metrics row of every candidate, each profile measured from its stitched folder (module docstring):
+    {set}_perplexity, {set}_kl, {first set}_perplexity_live, size, size_on_disk, bytes_on_disk, format, loader,
+    tokens_per_second, speed_vs_dense, target, lm_eval.<task>.<metric>, ...
+
+    `scratch`: where profiles without a folder of their own are stitched for the row (default: the system's
+    temporary folder). Raises UserError when a delivered perplexity is off its live one by more than `tolerance`."""
     from evopress.data import load_tokens
     from evopress.device import describe
     from evopress.models import load_adapter
@@ -157,15 +270,30 @@ def evaluate_candidates(
         topk = compute.topk or None
         refs = {n: DenseReference.build(dense, t, topk, compute.batch_size) for n, t in tokens.items()}
     facts = {"model_sha256": sha, "compute": describe(compute.dtype)}
+    dense_facts = _folder_facts(model_dir, None)
+    env = {
+        "load": load,
+        "dense": dense,
+        "sha": sha,
+        "model_dir": Path(model_dir),
+        "scratch": scratch,
+        "dense_bytes": dense_facts["bytes_on_disk"],
+        "speed_ids": speed_batch(next(iter(tokens.values()))),
+    }
     rows = {}
     for c in candidates:
         if c.profile is None:
             row = {"method": "dense", "profile": c.label, "budget": 0.0, "size": 1.0}
             row.update(_measure(dense, tokens, {}, compute.batch_size))
+            row.update(dense_facts, size_on_disk=1.0)
+            (seconds,) = timed_forwards({"dense": dense.model}, env["speed_ids"]).values()
+            speed = env["speed_ids"].numel() / statistics.median(seconds)
+            row.update(tokens_per_second=speed, dense_tokens_per_second=speed, speed_vs_dense=1.0)
             row.update(tasks(dense))
+            key = c.label
         else:
-            row = _profile_row(c, load, tokens, refs, compute, sha, tasks)
-        key = c.label if c.profile is None else f"{row['method']}/{c.label}"
+            row = _profile_row(c, env, tokens, refs, compute, tasks, tolerance)
+            key = f"{row['method']}/{c.label}"
         rows[key] = {**row, **facts}
         log(f"{key}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)))
     return rows

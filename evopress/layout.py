@@ -18,6 +18,22 @@ from pathlib import Path
 STAGES = ("prepare_model", "prepare_data", "build_db", "search", "baselines", "stitch", "evaluate", "report")
 PER_METHOD = ("build_db", "search", "baselines", "stitch")
 
+
+def stage_labels(methods) -> list[str]:
+    """Every stage of dvc.yaml for these methods (params.yaml order), in `dvc stage list` order: STAGES with each
+    per-method stage expanded (`search@depth`, `search@quantization`), as DVC expands `foreach`."""
+    return [
+        f"{s}@{m}" if s in PER_METHOD else s for s in STAGES for m in (methods if s in PER_METHOD else [""])
+    ]
+
+
+def stage_order(label: str, methods) -> str:
+    """A stage's place in dvc.yaml ("4.2": fourth stage, second method), the `evopress.order` tag."""
+    name, _, m = label.partition("@")
+    order = str(STAGES.index(name) + 1)
+    return f"{order}.{list(methods).index(m) + 1}" if m else order
+
+
 MODEL = "data/model"
 TEXT = "data/text"
 METRICS = "runs/metrics.json"
@@ -134,8 +150,10 @@ class Layout:
                 *_COMMON,
                 *_COMPRESSOR[1:],
                 *_SCORING,
+                "evopress/artifact.py",
                 "evopress/device.py",
                 "evopress/evaluate.py",
+                "evopress/search.py",  # evopress.stages imports it (evaluate stitches baselines with stages.stitch)
                 "evopress/zero_shot.py",
                 "evopress/compressors",
             ],

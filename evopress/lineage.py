@@ -65,6 +65,12 @@ def _kinds(method: str) -> dict[str, str]:
     }
 
 
+def from_key(stage: str) -> str:
+    """The tag naming the run of `stage` whose outputs a run read: `from.search:depth` for search@depth (MLflow
+    tag keys allow no `@`; `:` is allowed and reads the same)."""
+    return "from." + stage.replace("@", ":")
+
+
 def short_key(path: str, producer: str, method: str | None) -> str | None:
     """`in.profile` for the profile stitch@depth reads, `in.depth.profile` for the one evaluate reads; None for
     files that only lineage.json lists (checkpoints, histories). Keys stay short: the UI cuts long ones off."""
@@ -181,6 +187,39 @@ def stage_description(record: dict, extra: list[str] = ()) -> str:
     listed = f"every input ({more} more files), md5, run id" if more else "every input, md5, run id"
     lines += ["", *extra, "", f"Full lineage ({listed}): artifact `lineage.json`."]
     return "\n".join(lines).strip() + "\n"
+
+
+def planned_description(exp: str, parent: str, stage: str) -> str:
+    """A stage run the flow created ahead (status SCHEDULED) until its stage runs or the flow closes it."""
+    return f"**{stage}**: scheduled in this {run_link(exp, parent, 'pipeline run')}; not started yet.\n"
+
+
+def skipped_description(exp: str, parent: str, stage: str, outs: list[dict]) -> str:
+    """A stage DVC found up to date in a pipeline run: nothing ran; its current outputs and the runs that wrote
+    them (`outs`: {path, md5, run_id})."""
+    lines = [
+        f"**{stage}**: up to date, not run in this {run_link(exp, parent, 'pipeline run')}: DVC found its deps, "
+        "params and outputs unchanged, so the outputs below (dvc.lock md5) are those of an earlier run.",
+        "",
+    ]
+    if outs:
+        lines += ["| output (dvc.lock) | md5 | written by |", "| --- | --- | --- |"]
+        for o in outs:
+            by = run_link(exp, o["run_id"], o["run_id"][:8]) if o.get("run_id") else "no tracked run found"
+            lines.append(f"| `{o['path']}` | `{o['md5'][:12]}` | {by} |")
+    else:
+        lines.append("dvc.lock records no outputs of this stage.")
+    return "\n".join(lines).strip() + "\n"
+
+
+def not_run_description(exp: str, parent: str, stage: str, status: str) -> str:
+    """A stage whose run the pipeline run closed unused: never reached (an earlier stage failed), or stopped
+    before it opened its run."""
+    where = run_link(exp, parent, "pipeline run")
+    return (
+        f"**{stage}**: not run: the {where} ended ({status}) before this stage ran (an earlier stage failed, "
+        "or this one stopped before it opened its run: see the flow's log).\n"
+    )
 
 
 def pipeline_description(exp: str, rows: list[dict], table_md: str | None, git: dict) -> str:

@@ -224,7 +224,8 @@ def stitch(p: Params, layout: Layout, m: str, log) -> StageResult:
 
 
 def candidates(p: Params, layout: Layout) -> list:
-    """The dense model, then per method its searched profile and every baseline (what evaluate measures)."""
+    """The dense model, then per method its searched profile (with its stitched folder, models/<method>) and every
+    baseline (stitched by the evaluate stage itself into a temporary folder): what evaluate measures."""
     from evopress.evaluate import Candidate
 
     out = [Candidate("dense")]
@@ -249,6 +250,7 @@ def evaluate(p: Params, layout: Layout, _m, log) -> StageResult:
         p.evaluate.kl,
         log,
         p.evaluate.lm_eval,
+        scratch=layout.metrics.parent,  # baselines are stitched here for their row, then removed
     )
     atomic_write_json(layout.metrics, rows)
     # The target, not the budget (its cost sum, 12 for "6 sublayers of each kind"): what the table shows.

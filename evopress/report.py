@@ -1,7 +1,9 @@
 """The results table of the evaluate stage's metrics, and the files and plots the tracking logs.
 
-Size is the compressor's `size_share` (one rule for every method: the share of the dense transformer-block
-weights' bits the compressed model keeps, at 16 bits each); embeddings and the LM head are never compressed.
+Every figure of a compressed row is its stitched folder's, loaded through `evopress.load_model` (evaluate.py):
+held-out perplexity and KL to dense as delivered, the folder's bytes on disk against the dense folder's, forward
+tokens/s against the dense model's in the same run, and the storage format read from the folder. lm-eval's task
+figures (`lm_eval.<task>.<metric>`, evaluate.lm_eval in params.yaml) get a column each when the rows hold them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,18 @@ from pathlib import Path
 
 from evopress.errors import require
 
-TABLE_COLUMNS = ("method", "profile", "target", "heldout ppl", "KL", "size (% dense blocks)")
+TABLE_COLUMNS = (
+    "method",
+    "profile",
+    "target",
+    "heldout ppl",
+    "KL",
+    "size on disk (% dense)",
+    "tokens/s (x dense)",
+    "format",
+    "loader",
+)
+LM_EVAL_PREFIX = "lm_eval."
 
 
 # --- table -------------------------------------------------------------------------------------------------------
@@ -25,28 +38,46 @@ def _target(value) -> str:
     return "-" if value is None else f"{value:.3f}".rstrip("0").rstrip(".")
 
 
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def lm_eval_keys(metrics: dict) -> list[str]:
+    """Every `lm_eval.<task>.<metric>` key some row holds, in first-seen order."""
+    keys: dict[str, None] = {}
+    for row in metrics.values():
+        keys.update((k, None) for k in row if k.startswith(LM_EVAL_PREFIX))
+    return list(keys)
+
+
 def table_rows(metrics: dict) -> list[dict]:
     first = next(iter(metrics.values()))
     ppl_key = next(k for k in first if k.endswith("_perplexity"))
     kl_key = ppl_key.replace("_perplexity", "_kl")
+    tasks = lm_eval_keys(metrics)
     out = []
     for row in metrics.values():
-        out.append(
-            {
-                "method": row["method"],
-                "profile": row["profile"],
-                "target": _target(row.get("target")),
-                "heldout ppl": _fmt(row.get(ppl_key), 2),
-                "KL": _fmt(row.get(kl_key), 4),
-                "size (% dense blocks)": f"{100 * row['size']:.1f}",
-            }
-        )
+        cells = {
+            "method": row["method"],
+            "profile": row["profile"],
+            "target": _target(row.get("target")),
+            "heldout ppl": _fmt(row.get(ppl_key), 2),
+            "KL": _fmt(row.get(kl_key), 4),
+            "size on disk (% dense)": _percent(row.get("size_on_disk")),
+            "tokens/s (x dense)": _fmt(row.get("speed_vs_dense"), 2),
+            "format": row.get("format", "-"),
+            "loader": row.get("loader", "-"),
+        }
+        cells.update({k.removeprefix(LM_EVAL_PREFIX): _fmt(row.get(k), 4) for k in tasks})
+        out.append(cells)
     return out
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + " --- |" * len(TABLE_COLUMNS)]
-    lines += ["| " + " | ".join(str(r[c]) for c in TABLE_COLUMNS) + " |" for r in rows]
+    """A markdown table of `table_rows`: its columns, then any lm-eval columns the rows carry."""
+    columns = list(TABLE_COLUMNS) + [k for k in (rows[0] if rows else {}) if k not in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "-")) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,10 @@ Layout: a SQLite backend in the project (`sqlite:///<project>/mlflow.db`, or `tr
 every artifact under one absolute root (`<project>/mlartifacts`), so `mlflow ui --backend-store-uri ...` run from
 anywhere finds both. One *parent* run per pipeline run (opened by the Prefect flow, its id handed to the DVC stages
 in EVOPRESS_MLFLOW_PARENT_RUN), one nested run per stage. A stage run without that variable (plain `dvc repro`)
-opens a standalone run, so every stage execution is recorded either way. The experiment is tagged as a model
+opens a standalone run, so every stage execution is recorded either way. The flow creates every stage's run when
+it opens the parent (status SCHEDULED, start times that make the UI's newest-first listing read in pipeline
+order); a stage reuses the run of its label, and a stage DVC skipped keeps its run, closed as FINISHED with
+`evopress.skipped = true` and a link to the run that wrote its outputs. The experiment is tagged as a model
 development one, so the MLflow 3 UI opens it on its runs (not on an empty GenAI traces view).
 
 Lineage, by run id: a stage run tags `from.<stage>` = the id of each run whose outputs it read. Those runs are found
@@ -23,18 +26,26 @@ import contextlib
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
 from mlflow.entities import LoggedModelInput, LoggedModelOutput
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context import registry as context_registry
 
 from evopress import lineage
+from evopress.layout import STAGES, stage_order
 
 PARENT_ENV = "EVOPRESS_MLFLOW_PARENT_RUN"
 STAGE_TAG = "evopress.stage"
 PIPELINE_TAG = "evopress.pipeline_run"
 ORDER_TAG = "evopress.order"
+SKIPPED_TAG = "evopress.skipped"  # "true" on the run of a stage DVC found up to date in a pipeline run
+OUTPUTS_FROM_TAG = "evopress.outputs_from"  # on such a run: the run that wrote its current outputs
+NOT_RUN_TAG = "evopress.not_run"  # "true" on the run of a stage the pipeline run never reached
+ATTEMPT_TAG = "evopress.attempt"  # set from the second attempt on (a Prefect retry reuses the stage's run)
+PARENT_TAG = "mlflow.parentRunId"
 NOTE_TAG = "mlflow.note.content"  # the run description the UI renders as markdown
 # Read by the MLflow 3 UI: without it an experiment opens on the GenAI traces view.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -126,13 +137,16 @@ def _record(
 
 def _lineage_tags(record: dict) -> dict[str, str]:
     tags = lineage.input_tags(record["base"], record["inputs"], record["method"])
-    tags.update({f"from.{i['stage']}": i["run_id"] for i in record["inputs"] if i["run_id"]})
+    tags.update({lineage.from_key(i["stage"]): i["run_id"] for i in record["inputs"] if i["run_id"]})
     return tags
 
 
 # --- runs --------------------------------------------------------------------------------------------------------
-def start_pipeline_run(tracking, root: Path, flat_params: dict[str, str], name: str = "pipeline") -> str:
-    """Open the parent run of one pipeline run; returns its id (hand it to stages in PARENT_ENV)."""
+def start_pipeline_run(
+    tracking, root: Path, flat_params: dict[str, str], name: str = "pipeline", stages: list[str] = ()
+) -> str:
+    """Open the parent run of one pipeline run and a SCHEDULED child run per stage of `stages` (dvc.yaml
+    labels, pipeline order); returns the parent's id (hand it to stages in PARENT_ENV)."""
     exp = _experiment(tracking, root)
     client = MlflowClient()
     tags = {PIPELINE_TAG: "parent", SOURCE_TAG: "python -m flows.compress", **git_tags(root)}
@@ -142,13 +156,58 @@ def start_pipeline_run(tracking, root: Path, flat_params: dict[str, str], name: 
     params_file = Path(root) / "params.yaml"
     if params_file.is_file():
         client.log_artifact(run.info.run_id, str(params_file))
+    plan_stage_runs(client, exp, run, list(stages))
     return run.info.run_id
 
 
+def plan_stage_runs(client, exp: str, parent, stages: list[str]) -> dict[str, str]:
+    """One SCHEDULED child run per stage, created before any stage runs; returns {label: run id}.
+
+    The MLflow 3 UI lists runs by `attributes.start_time` DESC (its default sort, also search_runs' default order;
+    the store breaks ties by run id, i.e. at random) and shows children under their parent in that order. So stage
+    k of n (0-based) gets start_time = the parent's + (n - k) ms: the first stage on top, all of them next to
+    their parent. The start time (the UI's "Created") is thus when the flow scheduled the stage; what the stage
+    itself took is its `stage_seconds` metric, when it began is `started` in its lineage.json."""
+    t0 = parent.info.start_time
+    methods = list(dict.fromkeys(s.partition("@")[2] for s in stages if "@" in s))
+    planned = {}
+    for k, label in enumerate(stages):
+        tags = {
+            STAGE_TAG: label,
+            PIPELINE_TAG: parent.info.run_id,
+            PARENT_TAG: parent.info.run_id,
+            ORDER_TAG: stage_order(label, methods) if label.partition("@")[0] in STAGES else str(k + 1),
+            SOURCE_TAG: _source(label),
+            NOTE_TAG: lineage.planned_description(exp, parent.info.run_id, label),
+        }
+        tags = context_registry.resolve_tags(tags)  # mlflow.user etc., as mlflow.start_run records them
+        run = client.create_run(exp, start_time=t0 + len(stages) - k, tags=tags, run_name=label)
+        client.update_run(run.info.run_id, status="SCHEDULED")
+        planned[label] = run.info.run_id
+    return planned
+
+
+def _planned_run(client, exp: str, parent: str, stage: str):
+    """The run the flow created for this stage of this pipeline run, unless it already finished (None: none)."""
+    flt = f"tags.`{PARENT_TAG}` = '{parent}' and tags.`{STAGE_TAG}` = '{stage}'"
+    runs = client.search_runs([exp], flt, max_results=50)
+    return next((r for r in runs if r.info.status != "FINISHED"), None)
+
+
 def end_pipeline_run(
-    tracking, root: Path, run_id: str, status: str, table_md: str | None = None, stages: list[str] = ()
+    tracking,
+    root: Path,
+    run_id: str,
+    status: str,
+    table_md: str | None = None,
+    stages: list[str] = (),
+    skipped: list[str] | None = None,
 ) -> None:
-    """Close the parent run: dvc.lock, results, summary metrics, and a description listing `stages` in order."""
+    """Close the parent run: dvc.lock, results, summary metrics, and a description listing `stages` in order.
+
+    `skipped`: the stages DVC found up to date; their SCHEDULED runs close as FINISHED with `evopress.skipped`.
+    Any other run still SCHEDULED was never reached: KILLED. None: every SCHEDULED run was up to date if the
+    pipeline run FINISHED (each stage was tried), else unreached."""
     from evopress.layout import Layout
 
     exp = _experiment(tracking, root)
@@ -159,6 +218,7 @@ def end_pipeline_run(
     if table_md:
         client.log_text(run_id, table_md, "results.md")
     backfill_lock_tags(tracking, root, parent=run_id)
+    close_planned_runs(client, exp, root, run_id, status, skipped)
     metrics = Layout(Path(root)).metrics
     if status == "FINISHED" and metrics.is_file():
         for key, value in lineage.summary_metrics(json.loads(metrics.read_text())).items():
@@ -170,6 +230,32 @@ def end_pipeline_run(
     client.set_terminated(run_id, status=status)
 
 
+def close_planned_runs(
+    client, exp: str, root: Path, parent: str, status: str, skipped: list[str] | None
+) -> None:
+    """Close the runs the flow created for stages that did not run: up to date (FINISHED, `evopress.skipped`,
+    described with the runs that wrote their current outputs), or never reached (KILLED)."""
+    flt = f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'SCHEDULED'"
+    outs = lock_outs(root)
+    for run in client.search_runs([exp], flt, max_results=500):
+        run_id, label = run.info.run_id, run.data.tags.get(STAGE_TAG, run.info.run_name)
+        if label in skipped if skipped is not None else status == "FINISHED":
+            made = [{"path": p, "md5": md5} for p, md5 in outs.get(label, {}).items() if md5]
+            for o in made:
+                by = producer(client, exp, o["path"], o["md5"])
+                o["run_id"] = by.info.run_id if by else None
+            client.set_tag(run_id, SKIPPED_TAG, "true")
+            writer = next((o["run_id"] for o in made if o["run_id"]), None)
+            if writer:
+                client.set_tag(run_id, OUTPUTS_FROM_TAG, writer)
+            client.set_tag(run_id, NOTE_TAG, lineage.skipped_description(exp, parent, label, made))
+            client.set_terminated(run_id, status="FINISHED")
+        else:
+            client.set_tag(run_id, NOT_RUN_TAG, "true")
+            client.set_tag(run_id, NOTE_TAG, lineage.not_run_description(exp, parent, label, status))
+            client.set_terminated(run_id, status="KILLED")
+
+
 def _stage_rows(client, exp: str, root: Path, parent: str, stages: list[str]) -> list[dict]:
     """Per stage (pipeline order): its run in this pipeline run, else the run that wrote its current outputs."""
     mine = {r.data.tags[STAGE_TAG]: r for r in reversed(stage_runs_of(client, exp, parent))}
@@ -178,6 +264,12 @@ def _stage_rows(client, exp: str, root: Path, parent: str, stages: list[str]) ->
     for stage in stages:
         run = mine.get(stage)
         status = f"ran ({run.info.status})" if run else "not run"
+        if run is not None and run.data.tags.get(SKIPPED_TAG) == "true":
+            writer = run.data.tags.get(OUTPUTS_FROM_TAG)
+            by = lineage.run_link(exp, writer, writer[:8]) if writer else "no tracked run"
+            status = f"up to date: outputs of {by}"
+        elif run is not None and run.data.tags.get(NOT_RUN_TAG) == "true":
+            status = "not run (not reached)"
         if run is None:
             made = next(((p, md5) for p, md5 in outs.get(stage, {}).items() if md5), None)
             run = producer(client, exp, *made) if made else None
@@ -322,11 +414,15 @@ def stage_run(
 ):  # fmt: skip
     """Open the stage's run (nested under the pipeline run when PARENT_ENV is set) and make it the active run.
 
+    Under a pipeline run, the run the flow created for this stage is reused (set RUNNING, then FINISHED or
+    FAILED): one run per stage per pipeline run, a retry included (tag `evopress.attempt`). Without one (no
+    parent, or a flow that created none) a new run opens.
     `order` (e.g. "4.1": the fourth stage of dvc.yaml, first method) sorts runs in pipeline order in the UI."""
     exp = _experiment(tracking, root)
     client = MlflowClient()
     parent = os.environ.get(PARENT_ENV) or None
     record = _record(client, exp, Path(root), stage, deps, method, parent or "standalone")
+    record["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     tags = {
         STAGE_TAG: stage,
         PIPELINE_TAG: parent or "standalone",
@@ -336,7 +432,15 @@ def stage_run(
         **_lineage_tags(record),
         **dep_tags(root, deps),
     }
-    with mlflow.start_run(experiment_id=exp, run_name=stage, parent_run_id=parent, tags=tags) as run:
+    planned = _planned_run(client, exp, parent, stage) if parent else None
+    if planned is None:
+        opened = mlflow.start_run(experiment_id=exp, run_name=stage, parent_run_id=parent, tags=tags)
+    else:
+        if planned.info.status != "SCHEDULED":  # an earlier attempt of this stage in this pipeline run
+            tags[ATTEMPT_TAG] = str(int(planned.data.tags.get(ATTEMPT_TAG, "1")) + 1)
+        tags = context_registry.resolve_tags(tags)  # what start_run records on a run it creates
+        opened = mlflow.start_run(run_id=planned.info.run_id, run_name=stage, tags=tags)
+    with opened as run:
         _log_params(client, run.info.run_id, flat_params)
         record["run_id"] = run.info.run_id
         staged = StageRun(run.info.run_id, root, record)
@@ -379,12 +483,20 @@ def backfill_lock_tags(tracking, root: Path, parent: str | None = None) -> int:
         flt = f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'"
         if parent:
             flt += f" and tags.`{PIPELINE_TAG}` = '{parent}'"
-        runs = client.search_runs([exp], flt, order_by=["attributes.start_time DESC"], max_results=1)
-        if runs:
+        runs = client.search_runs([exp], flt, order_by=["attributes.start_time DESC"], max_results=50)
+        # a skipped stage's run wrote nothing: never tag it as a producer
+        run = next((r for r in runs if r.data.tags.get(SKIPPED_TAG) != "true"), None)
+        if run:
             for path, md5 in outs.items():
-                client.set_tag(runs[0].info.run_id, f"dvc.out.{path}", md5)
+                client.set_tag(run.info.run_id, f"dvc.out.{path}", md5)
             tagged += 1
     return tagged
+
+
+def executed(run) -> bool:
+    """Whether a stage run recorded an execution (not a run the flow created for a stage that never ran)."""
+    tags = run.data.tags
+    return run.info.status != "SCHEDULED" and "true" not in (tags.get(SKIPPED_TAG), tags.get(NOT_RUN_TAG))
 
 
 def stage_runs_of(client, exp: str, parent: str | None) -> list:
@@ -392,7 +504,11 @@ def stage_runs_of(client, exp: str, parent: str | None) -> list:
     return client.search_runs([exp], flt, order_by=["attributes.start_time DESC"], max_results=500)
 
 
-def stage_runs(tracking, root: Path, parent: str | None = None) -> list:
-    """Stage runs (of one pipeline run when `parent` is given), newest first: used by tests and the report."""
+def stage_runs(tracking, root: Path, parent: str | None = None, planned: bool = False) -> list:
+    """Stage runs (of one pipeline run when `parent` is given), newest first: used by tests and the report.
+
+    Only runs that executed their stage, unless `planned` (then also the runs of stages that were up to date,
+    never reached or not started yet)."""
     exp = _experiment(tracking, root)  # first: it points mlflow at the project's store
-    return stage_runs_of(MlflowClient(), exp, parent)
+    runs = stage_runs_of(MlflowClient(), exp, parent)
+    return runs if planned else [r for r in runs if executed(r)]

@@ -94,15 +94,15 @@ def compress(project: str = str(PROJECT), wait: float = 0.0, lock: bool = True) 
         check_params(str(root))
         stages = list_stages(root)
         print(f"{len(stages)} stages: {', '.join(stages)}")
-        run_id = open_pipeline_run(str(root), name=f"pipeline {time.strftime('%Y-%m-%d %H:%M')}")
+        name = f"pipeline {time.strftime('%Y-%m-%d %H:%M')}"
+        run_id = open_pipeline_run(str(root), name=name, stages=stages)  # and a scheduled run per stage
         env = {"EVOPRESS_MLFLOW_PARENT_RUN": run_id} if run_id else {}
         progress = create_progress_artifact(0.0, key="evopress-progress", description="stages done, %")
-        ran, status, table_md = [], "FAILED", None
+        ran, skipped, status, table_md = [], [], "FAILED", None
         try:
             for i, stage in enumerate(stages):
                 t0 = time.monotonic()
-                if run_stage(stage, str(root), env):
-                    ran.append(stage)
+                (ran if run_stage(stage, str(root), env) else skipped).append(stage)
                 print(f"[{i + 1}/{len(stages)}] {stage}: {time.monotonic() - t0:.0f} s")
                 update_progress_artifact(progress, 100.0 * (i + 1) / len(stages))
             rows, table_md = results_table(root)
@@ -111,7 +111,7 @@ def compress(project: str = str(PROJECT), wait: float = 0.0, lock: bool = True) 
             )
             status = "FINISHED"
         finally:
-            close_pipeline_run(str(root), run_id, status, table_md, stages)
+            close_pipeline_run(str(root), run_id, status, table_md, stages, skipped)
     print(table_md)
     if run_id:
         from evopress import params as P

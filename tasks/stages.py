@@ -94,26 +94,37 @@ def check_params(project: str) -> None:
 
 
 @task(task_run_name="mlflow parent run")
-def open_pipeline_run(project: str, name: str) -> str | None:
+def open_pipeline_run(project: str, name: str, stages: list[str] | None = None) -> str | None:
+    """Open the parent run and one SCHEDULED run per stage: `stages` (`dvc stage list`), else the Layout's
+    stages for the params' methods; both in pipeline order."""
     from evopress import params as P
 
     p = P.load(Path(project) / "params.yaml")
     if not p.tracking.enabled:
         return None
     from evopress import tracking
+    from evopress.layout import stage_labels
 
-    return tracking.start_pipeline_run(p.tracking, Path(project), P.flatten(P.as_dict(p)), name=name)
+    stages = list(stages) if stages is not None else stage_labels(list(p.methods))
+    flat = P.flatten(P.as_dict(p))
+    return tracking.start_pipeline_run(p.tracking, Path(project), flat, name=name, stages=stages)
 
 
 @task(task_run_name="mlflow close parent run")
 def close_pipeline_run(
-    project: str, run_id: str | None, status: str, table_md: str | None, stages: list[str] = ()
+    project: str,
+    run_id: str | None,
+    status: str,
+    table_md: str | None,
+    stages: list[str] = (),
+    skipped: list[str] | None = None,
 ) -> None:
-    """End the parent run; its description lists `stages` (dvc.yaml order) with the run behind each."""
+    """End the parent run; its description lists `stages` (dvc.yaml order) with the run behind each. The runs of
+    `skipped` stages (DVC found them up to date) close as FINISHED, tagged `evopress.skipped`."""
     if run_id is None:
         return
     from evopress import params as P
     from evopress import tracking
 
     p = P.load(Path(project) / "params.yaml")
-    tracking.end_pipeline_run(p.tracking, Path(project), run_id, status, table_md, list(stages))
+    tracking.end_pipeline_run(p.tracking, Path(project), run_id, status, table_md, list(stages), skipped)

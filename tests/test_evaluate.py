@@ -1,21 +1,27 @@
 """The numbers we report, checked against independent computations: a metrics row against the model's own loss and a
-float64 KL, and the stitched folder of every method against the profile applied live."""
+float64 KL, and the stitched folder of every method against the profile applied live. Every row's figures come from
+its stitched folder: a tampered folder changes the row, and past the tolerance the row is refused."""
 
 from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import prepare_tiny_workspace
+from evopress import stages
+from evopress.artifact import bytes_on_disk, model_format
 from evopress.compressors import depth, quantization, sparsity
 from evopress.config import ComputeConfig
 from evopress.data import load_tokens
+from evopress.errors import UserError
 from evopress.evaluate import Candidate, evaluate_candidates
 from evopress.models import load_adapter, load_model
 from evopress.profile import make_profile, model_sha256, save_profile
+from evopress.report import markdown, table_rows
 from evopress.stages import stitch
 
 FLOAT32_FULL_KL = ComputeConfig(dtype="float32", batch_size=3, topk=0)
@@ -83,3 +89,123 @@ def test_stitched_folder_computes_what_the_live_profile_computes(ws, tmp_path, m
         want, got, base = live.model(ids).logits, stitched(ids).logits, dense(ids).logits
     assert not torch.allclose(want, base, atol=1e-3)  # the profile changes the model
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+FORMATS = {
+    "depth": ("DeciLM block_configs", "safetensors LlamaForCausalLM"),  # sublayers removed, or whole blocks
+    "sparsity": ("safetensors LlamaForCausalLM",),  # dense with zeros: the default stitch format
+    "quantization": ("compressed-tensors pack-quantized",),
+}
+
+
+def test_each_baseline_row_is_measured_from_a_folder_stitched_for_it(ws, tmp_path):
+    """Profiles without a folder of their own are stitched by evaluate (into `scratch`, removed afterwards) and
+    measured from it: format and bytes of that folder, delivered perplexity equal to the live one."""
+    candidates = [Candidate("dense")]
+    for i, method in enumerate(FORMATS):
+        _, db = _profile(ws, method, tmp_path / f"{method}.json", seed=i)
+        candidates.append(Candidate("base", method, tmp_path / f"{method}.json", db))
+    rows = evaluate_candidates(
+        ws / "model",
+        ws / "text",
+        candidates,
+        FLOAT32_FULL_KL,
+        log=lambda _: None,
+        scratch=tmp_path / "scratch",
+    )
+    assert not list((tmp_path / "scratch").iterdir())  # the temporary folders are gone
+    dense = rows["dense"]
+    assert dense["size_on_disk"] == 1.0 and dense["bytes_on_disk"] == bytes_on_disk(ws / "model")
+    for method, fmt in FORMATS.items():
+        row = rows[f"{method}/base"]
+        # the same profile stitched here: same files, same bytes, same format
+        stitch(method, ws / "model", tmp_path / f"{method}.json", row_db(ws, method), tmp_path / method)
+        assert row["bytes_on_disk"] == bytes_on_disk(tmp_path / method)
+        assert (row["format"], row["loader"]) == model_format(tmp_path / method) and row["format"] in fmt
+        assert row["size_on_disk"] == pytest.approx(row["bytes_on_disk"] / dense["bytes_on_disk"])
+        assert row["heldout_perplexity"] == pytest.approx(row["heldout_perplexity_live"], rel=1e-4)
+        assert abs(row["heldout_live_gap"]) < 1e-4 and row["heldout_kl"] > 0
+        assert row["tokens_per_second"] > 0 and row["speed_vs_dense"] > 0
+    assert rows["quantization/base"]["size_on_disk"] < 1  # packed integer codes
+    table = markdown(table_rows(rows))
+    assert "| quantization | base | 3 |" in table and "compressed-tensors pack-quantized" in table
+
+
+def row_db(ws, method: str):
+    return None if method == "depth" else ws / f"db-{method}"
+
+
+def _tampering_stitch(scale: float, seen: dict):
+    """stages.stitch, then the final norm's weights scaled in the written folder (the manifest left as it was)."""
+    from safetensors.torch import load_file, save_file
+
+    real = stages.stitch
+
+    def fake(method, model_dir, profile, db, out, options=None):
+        report = real(method, model_dir, profile, db, out, options)
+        (weights,) = Path(out).glob("*.safetensors")
+        tensors = load_file(weights)
+        tensors["model.norm.weight"] = tensors["model.norm.weight"] * scale
+        save_file(tensors, weights, metadata={"format": "pt"})
+        seen["bytes"] = bytes_on_disk(out)
+        return report
+
+    return fake
+
+
+def test_a_tampered_baseline_folder_changes_the_row_and_past_the_tolerance_fails_it(
+    ws, tmp_path, monkeypatch
+):
+    _profile(ws, "depth", tmp_path / "p.json", seed=3)
+    candidates = [Candidate("dense"), Candidate("shortgpt", "depth", tmp_path / "p.json")]
+    seen: dict = {}
+    monkeypatch.setattr(stages, "stitch", _tampering_stitch(8.0, seen))
+    with pytest.raises(UserError, match="depth/shortgpt: the stitched folder .* not what was searched"):
+        evaluate_candidates(ws / "model", ws / "text", candidates, FLOAT32_FULL_KL, log=lambda _: None)
+    # With the check relaxed the row shows the tampered folder's figures, not the live profile's.
+    row = evaluate_candidates(
+        ws / "model", ws / "text", candidates, FLOAT32_FULL_KL, log=lambda _: None, tolerance=math.inf
+    )["depth/shortgpt"]
+    assert abs(row["heldout_live_gap"]) > 1e-3
+    assert row["heldout_perplexity"] == pytest.approx(
+        row["heldout_perplexity_live"] * (1 + row["heldout_live_gap"])
+    )
+    assert row["bytes_on_disk"] == seen["bytes"]
+
+
+def test_a_named_stitched_folder_is_the_one_measured(ws, tmp_path):
+    """The searched profile's row reads its own folder (models/<method> in the pipeline): tampered, it fails;
+    missing, it fails naming the stitch stage."""
+    _, db = _profile(ws, "quantization", tmp_path / "p.json", seed=4)
+    folder = tmp_path / "stitched"
+    _tampering_stitch(8.0, {})("quantization", ws / "model", tmp_path / "p.json", db, folder)
+
+    def run(stitched):
+        candidate = Candidate("evopress", "quantization", tmp_path / "p.json", db, stitched)
+        return evaluate_candidates(
+            ws / "model", ws / "text", [candidate], FLOAT32_FULL_KL, log=lambda _: None
+        )
+
+    with pytest.raises(UserError, match="not what was searched"):
+        run(folder)
+    with pytest.raises(UserError, match="run the stitch stage"):
+        run(tmp_path / "absent")
+
+
+def test_results_table_has_the_delivered_columns_and_any_lm_eval_figures():
+    rows = {
+        "dense": {"method": "dense", "profile": "dense", "heldout_perplexity": 10.0, "size_on_disk": 1.0,
+                  "speed_vs_dense": 1.0, "format": "safetensors LlamaForCausalLM", "loader": "x",
+                  "lm_eval.piqa.acc": 0.5},
+        "depth/evopress": {"method": "depth", "profile": "evopress", "target": 2.0, "heldout_perplexity": 12.0,
+                           "heldout_kl": 0.1, "size_on_disk": 0.8, "speed_vs_dense": 1.2,
+                           "format": "DeciLM block_configs", "loader": "evopress.load_model",
+                           "lm_eval.piqa.acc": 0.45},
+    }  # fmt: skip
+    table = markdown(table_rows(rows))
+    header = table.splitlines()[0]
+    assert "size on disk (% dense)" in header and "tokens/s (x dense)" in header and "piqa.acc" in header
+    assert (
+        "| depth | evopress | 2 | 12.00 | 0.1000 | 80.0 | 1.20 | DeciLM block_configs | evopress.load_model | 0.4500 |"
+        in table
+    )

@@ -182,3 +182,24 @@ def test_layout_paths_resolve_under_the_root(tmp_path):
     layout = Layout(tmp_path)
     assert layout.model == tmp_path / "data/model" and layout.db("sparsity") == tmp_path / "data/db/sparsity"
     assert layout.stamp(layout.search("depth") / "checkpoint.json").name == "checkpoint.json.params.json"
+
+
+def test_stage_labels_are_dvc_yaml_stages_in_dvc_stage_list_order():
+    """`stage_labels` (the runs a flow creates ahead) expands dvc.yaml as DVC does: file order, `foreach` over
+    params.yaml methods in their order."""
+    from evopress.layout import stage_labels, stage_order
+
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    methods = list(yaml.safe_load((REPO / "params.yaml").read_text())["methods"])
+    expected = []
+    for stage, body in spec.items():
+        expected += [f"{stage}@{m}" for m in methods] if "foreach" in body else [stage]
+    assert stage_labels(methods) == expected
+    assert [stage_order(label, ["a", "b"]) for label in stage_labels(["a", "b"])][:6] == [
+        "1",
+        "2",
+        "3.1",
+        "3.2",
+        "4.1",
+        "4.2",
+    ]

@@ -130,7 +130,7 @@ def test_lineage_goes_from_the_model_to_its_search_run_and_data(project, monkeyp
     assert model.source_run_id == ids["stitch@depth"]
     assert [o.model_id for o in client.get_run(ids["stitch@depth"]).outputs.model_outputs] == [model_id]
     stitch = client.get_run(model.params["stitch_run_id"]).data.tags
-    assert stitch["from.search@depth"] == model.params["search_run_id"] == ids["search@depth"]
+    assert stitch["from.search:depth"] == model.params["search_run_id"] == ids["search@depth"]
     assert stitch["in.profile"] == model.params["profile_md5"] == "p1"
     search = client.get_run(model.params["search_run_id"]).data.tags
     assert search["from.prepare_data"] == ids["prepare_data"] and search["in.calibration"] == "c" * 64
@@ -143,7 +143,7 @@ def test_lineage_goes_from_the_model_to_its_search_run_and_data(project, monkeyp
     assert (
         evaluate.data.tags["in.depth.stitched"] == "s1.dir" and evaluate.data.tags["in.depth.profile"] == "p1"
     )
-    assert evaluate.data.tags["from.stitch@depth"] == ids["stitch@depth"]
+    assert evaluate.data.tags["from.stitch:depth"] == ids["stitch@depth"]
     (project / "dl").mkdir()
     record = json.loads(
         Path(client.download_artifacts(ids["stitch@depth"], "lineage.json", str(project / "dl"))).read_text()
@@ -168,3 +168,115 @@ def test_best_fitness_is_the_running_minimum_and_the_profile_plot_has_a_legend(t
     ax = profile_figure(tmp_path / "profile.json").axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["attn", "mlp"]
     assert ax.get_ylabel() == "level (1 = removed)"
+
+
+# --- the stage runs a flow creates ahead, in pipeline order -------------------------------------------------------
+PLAN = [
+    "prepare_model",
+    "prepare_data",
+    "build_db@depth",
+    "search@depth",
+    "stitch@depth",
+    "evaluate",
+    "report",
+]
+
+
+def _ui_listing(client, parent: str) -> list:
+    """The parent's children as the MLflow 3 UI lists them by default (newest first by start time)."""
+    exp = client.get_run(parent).info.experiment_id
+    flt = f"tags.`mlflow.parentRunId` = '{parent}'"
+    return client.search_runs([exp], flt, order_by=["attributes.start_time DESC"])
+
+
+def test_the_flow_creates_every_stage_run_ahead_and_the_ui_lists_them_in_pipeline_order(project, monkeypatch):
+    """The parent run opens with one SCHEDULED run per stage; a stage reuses its run (no second run per label),
+    a stage DVC skipped keeps its run, closed FINISHED with `evopress.skipped` and a link to the run that wrote
+    its outputs; a stage never reached is KILLED; the UI's default order (and search_runs') is pipeline order."""
+    tp = TrackingParams()
+    # An earlier standalone search@depth wrote the outputs dvc.lock holds (p1): the skipped stage links it.
+    with tracking.stage_run(tp, project, "search@depth", {}, ["data/model"], "depth") as earlier:
+        pass
+    assert tracking.backfill_lock_tags(tp, project) >= 1
+    parent = tracking.start_pipeline_run(tp, project, {}, stages=PLAN)
+    client = tracking.MlflowClient()
+    planned = _ui_listing(client, parent)
+    assert [r.info.run_name for r in planned] == PLAN
+    assert {r.info.status for r in planned} == {"SCHEDULED"}
+    assert [r.data.tags["evopress.order"] for r in planned] == ["1", "2", "3.1", "4.1", "6.1", "7", "8"]
+    exp = client.get_run(parent).info.experiment_id
+    default = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")  # no order_by: the same
+    assert [r.info.run_name for r in default] == PLAN
+    ids = {r.info.run_name: r.info.run_id for r in planned}
+
+    monkeypatch.setenv(tracking.PARENT_ENV, parent)
+    for stage in ("prepare_model", "prepare_data", "build_db@depth"):  # search@depth: up to date
+        with tracking.stage_run(tp, project, stage, {"k": "v"}, ["data/model"]) as run:
+            assert run.run_id == ids[stage]
+            assert client.get_run(run.run_id).info.status == "RUNNING"
+    with pytest.raises(RuntimeError):  # stitch fails, then its retry reuses the same run and succeeds
+        with tracking.stage_run(tp, project, "stitch@depth", {"k": "v"}, []):
+            raise RuntimeError("killed")
+    assert client.get_run(ids["stitch@depth"]).info.status == "FAILED"
+    with tracking.stage_run(tp, project, "stitch@depth", {"k": "v"}, []) as run:
+        assert run.run_id == ids["stitch@depth"]
+    with pytest.raises(RuntimeError):  # evaluate fails: report is never reached
+        with tracking.stage_run(tp, project, "evaluate", {}, []):
+            raise RuntimeError("bad input")
+    tracking.end_pipeline_run(tp, project, parent, "FAILED", None, PLAN, skipped=["search@depth"])
+
+    runs = _ui_listing(client, parent)
+    assert [r.info.run_name for r in runs] == PLAN  # still one run per stage, still in pipeline order
+    status = {r.info.run_name: r.info.status for r in runs}
+    assert status == {
+        **dict.fromkeys(["prepare_model", "prepare_data", "build_db@depth", "stitch@depth"], "FINISHED"),
+        "search@depth": "FINISHED",
+        "evaluate": "FAILED",
+        "report": "KILLED",
+    }
+    tags = {r.info.run_name: r.data.tags for r in runs}
+    skipped = tags["search@depth"]
+    assert skipped["evopress.skipped"] == "true" and skipped["evopress.outputs_from"] == earlier.run_id
+    assert "up to date" in skipped["mlflow.note.content"] and earlier.run_id in skipped["mlflow.note.content"]
+    assert not [k for k in skipped if k.startswith("dvc.out.")]  # it wrote nothing: never a producer
+    assert tags["stitch@depth"]["evopress.attempt"] == "2" and "evopress.attempt" not in tags["prepare_model"]
+    assert tags["report"]["evopress.not_run"] == "true" and "not run" in tags["report"]["mlflow.note.content"]
+    # What ran: the runs that executed their stage (the report and the tests read these)
+    executed = {r.data.tags["evopress.stage"] for r in tracking.stage_runs(tp, project, parent=parent)}
+    assert executed == {"prepare_model", "prepare_data", "build_db@depth", "stitch@depth", "evaluate"}
+    assert len(tracking.stage_runs(tp, project, parent=parent, planned=True)) == len(PLAN)
+    note = client.get_run(parent).data.tags["mlflow.note.content"]
+    row = next(line for line in note.splitlines() if "| search@depth |" in line)
+    assert "up to date: outputs of" in row and earlier.run_id in row
+    assert client.get_run(parent).data.metrics["stages_ran"] == 5.0
+    # The producer of p1 is still the earlier run, for the next stage that reads it
+    assert (
+        tracking.producer(client, exp, "runs/search/depth/profile.json", "p1").info.run_id == earlier.run_id
+    )
+
+
+def test_a_pipeline_that_finished_closes_every_untouched_run_as_up_to_date(project, monkeypatch):
+    tp = TrackingParams()
+    parent = tracking.start_pipeline_run(tp, project, {}, stages=["prepare_model", "search@depth"])
+    monkeypatch.setenv(tracking.PARENT_ENV, parent)
+    with tracking.stage_run(tp, project, "prepare_model", {}, []):
+        pass
+    tracking.end_pipeline_run(tp, project, parent, "FINISHED", None, ["prepare_model", "search@depth"])
+    runs = tracking.stage_runs(tp, project, parent=parent, planned=True)
+    by = {r.info.run_name: r for r in runs}
+    assert set(by) == {"prepare_model", "search@depth"} and len(runs) == 2
+    assert by["search@depth"].info.status == "FINISHED"
+    assert by["search@depth"].data.tags["evopress.skipped"] == "true"
+    assert "evopress.outputs_from" not in by["search@depth"].data.tags  # no tracked run wrote p1
+    assert "no tracked run found" in by["search@depth"].data.tags["mlflow.note.content"]
+
+
+def test_a_stage_outside_a_flow_with_no_planned_run_opens_a_new_nested_run(project, monkeypatch):
+    """A parent run created without stages (an older flow): the stage opens its own nested run as before."""
+    tp = TrackingParams()
+    parent = tracking.start_pipeline_run(tp, project, {})
+    monkeypatch.setenv(tracking.PARENT_ENV, parent)
+    with tracking.stage_run(tp, project, "report", {}, []) as run:
+        pass
+    (child,) = tracking.stage_runs(tp, project, parent=parent, planned=True)
+    assert child.info.run_id == run.run_id and child.data.tags["mlflow.parentRunId"] == parent
