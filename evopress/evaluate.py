@@ -191,6 +191,7 @@ def _profile_row(
     tasks,
     tolerance: float,
 ) -> dict:
+    """One profile's row: the live check, then every figure from its stitched folder (module docstring)."""
     import evopress
     from evopress.methods import database_sha256
 
@@ -201,16 +202,22 @@ def _profile_row(
     row = {"method": method, "profile": c.label, "source": spec["source"], "target": spec["target"]}
     row.update(budget=spec["budget"], size=comp.size_share(units))  # size before applying: dropped modules go
     comp.apply_profile(units)
-    live_ppl = perplexity(live, sets[first], compute.batch_size)  # the check figure: the profile as searched
+    # The check figure: the profile as searched, on the check rows (all rows unless env says fewer: the check is
+    # about the artifact's fidelity, which a few rows show, and the pipeline's time budget counts every pass).
+    check = sets[first] if env["check_rows"] is None else sets[first][: env["check_rows"]]
+    live_ppl = perplexity(live, check, compute.batch_size)
     del live, comp
     with _artifact(c, method, env["model_dir"], env["scratch"]) as folder:
         row.update(_folder_facts(folder, env["dense_bytes"]))
         delivered = ModelAdapter(evopress.load_model(folder, dtype=compute.dtype))
         row.update(_measure(delivered, sets, refs, compute.batch_size))
-        row[f"{first}_perplexity_live"] = live_ppl
-        row[f"{first}_live_gap"] = check_delivered(
-            key, folder, row[f"{first}_perplexity"], live_ppl, tolerance
+        whole = len(check) == len(sets[first])
+        delivered_check = (
+            row[f"{first}_perplexity"] if whole else perplexity(delivered, check, compute.batch_size)
         )
+        row[f"{first}_perplexity_live"] = live_ppl
+        row[f"{first}_check_rows"] = len(check)
+        row[f"{first}_live_gap"] = check_delivered(key, folder, delivered_check, live_ppl, tolerance)
         row.update(speed_facts(env["dense"].model, delivered.model, env["speed_ids"]))
         row.update(tasks(delivered))
     row["database_sha256"] = database_sha256(method, c.db)
@@ -241,13 +248,16 @@ def evaluate_candidates(
     lm_eval: LmEvalParams | None = None,
     scratch: Path | None = None,
     tolerance: float = DELIVERED_TOLERANCE,
+    check_rows: int | None = None,
 ) -> dict[str, dict]:
     """label -> metrics row of every candidate, each profile measured from its stitched folder (module docstring):
     {set}_perplexity, {set}_kl, {first set}_perplexity_live, size, size_on_disk, bytes_on_disk, format, loader,
     tokens_per_second, speed_vs_dense, target, lm_eval.<task>.<metric>, ...
 
     `scratch`: where profiles without a folder of their own are stitched for the row (default: the system's
-    temporary folder). Raises UserError when a delivered perplexity is off its live one by more than `tolerance`."""
+    temporary folder). Raises UserError when a delivered perplexity is off its live one by more than `tolerance`,
+    compared on the first `check_rows` rows of the first set (None: all of them; then `<set>_perplexity_live` is
+    the profile-as-searched figure of the whole set)."""
     from evopress.data import load_tokens
     from evopress.device import describe
     from evopress.models import load_adapter
@@ -279,6 +289,7 @@ def evaluate_candidates(
         "scratch": scratch,
         "dense_bytes": dense_facts["bytes_on_disk"],
         "speed_ids": speed_batch(next(iter(tokens.values()))),
+        "check_rows": check_rows,
     }
     rows = {}
     for c in candidates:

@@ -153,6 +153,18 @@ def _tampering_stitch(scale: float, seen: dict):
     return fake
 
 
+def test_check_rows_compare_live_and_delivered_on_the_same_rows(ws, tmp_path):
+    """With fewer check rows the gap compares the two models on those rows only: the full-set figure of the
+    delivered model and the live figure of two rows differ, their gap on the same two rows does not."""
+    _profile(ws, "depth", tmp_path / "p.json", seed=3)
+    candidates = [Candidate("dense"), Candidate("shortgpt", "depth", tmp_path / "p.json")]
+    row = evaluate_candidates(
+        ws / "model", ws / "text", candidates, FLOAT32_FULL_KL, log=lambda _: None, check_rows=2
+    )["depth/shortgpt"]
+    assert row["heldout_check_rows"] == 2 and abs(row["heldout_live_gap"]) < 1e-4
+    assert abs(row["heldout_perplexity"] / row["heldout_perplexity_live"] - 1) > 1e-3
+
+
 def test_a_tampered_baseline_folder_changes_the_row_and_past_the_tolerance_fails_it(
     ws, tmp_path, monkeypatch
 ):

@@ -107,7 +107,9 @@ def test_repro_runs_every_stage_and_prints_the_table(project):
     # as its profile applied live.
     for key in ("depth/evopress", "depth/shortgpt", "sparsity/uniform", "quantization/uniform"):
         r = metrics[key]
-        assert r["heldout_perplexity"] == pytest.approx(r["heldout_perplexity_live"], rel=1e-3), key
+        assert abs(r["heldout_live_gap"]) < 1e-3 and r["heldout_check_rows"] == 2, (
+            key
+        )  # the pipeline's check rows
         assert r["bytes_on_disk"] > 0 and r["speed_vs_dense"] > 0 and r["format"] and r["loader"], key
     assert metrics["quantization/uniform"]["format"] == "compressed-tensors pack-quantized"
     assert metrics["quantization/uniform"]["size_on_disk"] < 1
