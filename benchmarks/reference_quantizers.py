@@ -1,10 +1,13 @@
 """Our level databases side by side with llm-compressor 0.14 (the quantizer users already have), on one model and text.
 
-    .venv/bin/python benchmarks/reference_quantizers.py [--model data/model] [--data data/text] [--rows 16]
+    .venv/bin/python benchmarks/reference_quantizers.py [--model data/model] [--data data/text] [--rows 16] [--draws 4]
 
-For each configuration both tools compress the prepared float32 model on the same calibration rows (the first
---rows of <data>/calibration.safetensors, 512 tokens each) and the evopress venv measures held-out perplexity of
-both results with the same code (evopress.fitness.perplexity on every row of <data>/heldout.safetensors):
+For each configuration and each of --draws disjoint calibration draws (draw d: rows [d * rows, (d + 1) * rows) of
+<data>/calibration.safetensors, 512 tokens each) both tools compress the prepared float32 model on the same rows,
+and the evopress venv measures held-out perplexity of both results with the same code
+(evopress.fitness.perplexity on every row of <data>/heldout.safetensors). The table gives the median over the
+draws with its range and the paired per-draw differences: at 3 bits one calibration sample is not enough to rank
+two quantizers a few percent apart (benchmarks/results/build_rounding.md). The configurations:
 
 - GPTQ 3 bits, groups of 64, asymmetric, act-order "static" (llm-compressor's default); the same without
   act-order; 4 bits with act-order. Ours: `build_database` with bits=[b] and calib_bits=b, so every block is
@@ -39,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -150,12 +154,12 @@ def block_linear_weights(model) -> dict[str, torch.Tensor]:
     }
 
 
-def reference_weights(python: Path, cfg: Config, args) -> tuple[dict, dict]:
-    """(compressed block linears, the worker's run.json) of one llm-compressor oneshot run."""
+def reference_weights(python: Path, cfg: Config, args, data: Path) -> tuple[dict, dict]:
+    """(compressed block linears, the worker's run.json) of one llm-compressor oneshot run on `data`'s rows."""
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory(prefix="reference-llmc-") as tmp:
-        cmd = [str(python), str(WORKER), "--model", str(args.model), "--data", str(args.data)]
+        cmd = [str(python), str(WORKER), "--model", str(args.model), "--data", str(data)]
         cmd += ["--rows", str(args.rows), "--config", json.dumps(cfg.reference), "--out", tmp]
         subprocess.run(cmd, check=True)
         return load_file(str(Path(tmp) / "weights.safetensors")), json.loads(
@@ -163,13 +167,13 @@ def reference_weights(python: Path, cfg: Config, args) -> tuple[dict, dict]:
         )
 
 
-def evopress_weights(cfg: Config, args) -> tuple[dict, dict]:
+def evopress_weights(cfg: Config, args, data: Path) -> tuple[dict, dict]:
     """(compressed block linears, build info) of our database build at the config's one level, uniform profile."""
     module = quantization if cfg.method == "quantization" else sparsity
     options = {**cfg.ours, "n_samples": args.rows}
     with tempfile.TemporaryDirectory(prefix="reference-db-") as tmp:
         started = time.perf_counter()
-        module.build_database(args.model, args.data, Path(tmp) / "db", options)
+        module.build_database(args.model, data, Path(tmp) / "db", options)
         seconds = time.perf_counter() - started
         model, _ = load_model(str(args.model), dtype="float32")
         comp = module.make(ModelAdapter(model), cfg.target, db=Path(tmp) / "db")
@@ -201,15 +205,35 @@ def evaluate(args, heldout: torch.Tensor, weights: dict | None) -> float:
     return perplexity(ModelAdapter(model), heldout)
 
 
-def measure(side: str, cfg: Config, args, heldout, python) -> dict:
+def measure(side: str, cfg: Config, args, heldout, python, data: Path) -> dict:
     if side == "llmcompressor":
-        weights, info = reference_weights(python, cfg, args)
+        weights, info = reference_weights(python, cfg, args, data)
     else:
-        weights, info = evopress_weights(cfg, args)
+        weights, info = evopress_weights(cfg, args, data)
     check = weight_check(weights, cfg)
     started = time.perf_counter()
     ppl = evaluate(args, heldout, weights)
     return {"perplexity": ppl, "eval_seconds": time.perf_counter() - started, "check": check, **info}
+
+
+def cell_key(cfg: Config, side: str, draw: int) -> str:
+    return f"{cfg.key}/{side}/draw{draw}"
+
+
+def draw_folder(calibration: torch.Tensor, heldout: torch.Tensor, rows: int, draw: int, root: Path) -> Path:
+    """A data folder holding calibration rows [rows * draw, rows * (draw + 1)) and the held-out rows.
+
+    Both tools read the first --rows of a folder's calibration set, so each draw is its own folder; it has no
+    data.json, which evopress reads as a folder made by hand (no checksums to check against).
+    """
+    from safetensors.torch import save_file
+
+    folder = root / f"draw{draw}"
+    folder.mkdir(parents=True, exist_ok=True)
+    part = calibration[rows * draw : rows * (draw + 1)].contiguous()
+    save_file({"input_ids": part}, str(folder / "calibration.safetensors"))
+    save_file({"input_ids": heldout.contiguous()}, str(folder / "heldout.safetensors"))
+    return folder
 
 
 # --- results ---------------------------------------------------------------------------------------------------
@@ -232,43 +256,68 @@ def verdict(ours: float, reference: float) -> tuple[float, str]:
     return rel, "yes" if rel >= -TOLERANCE else "yes (better)"
 
 
-def fmt_seconds(cell: dict | None) -> str:
-    return "-" if not cell else f"{cell['seconds'] / 60:.1f} min"
+def fmt_seconds(cells: list[dict]) -> str:
+    return "-" if not cells else f"{median([c['seconds'] for c in cells]) / 60:.1f} min"
+
+
+def draw_cells(results: dict, cfg: Config, side: str) -> list[dict]:
+    """The finished cells of one config and side, one per calibration draw, in draw order."""
+    cells = results["cells"]
+    return [cells[k] for d in range(results["info"]["draws"]) if (k := cell_key(cfg, side, d)) in cells]
+
+
+def fmt_spread(cells: list[dict]) -> str:
+    """median [min, max] of the draws' perplexities; one figure for one draw."""
+    if not cells:
+        return "-"
+    ppl = [c["perplexity"] for c in cells]
+    return f"{median(ppl):.2f}" if len(ppl) == 1 else f"{median(ppl):.2f} [{min(ppl):.2f}, {max(ppl):.2f}]"
+
+
+def paired_differences(ref: list[dict], ours: list[dict]) -> list[float]:
+    """ours / llm-compressor - 1 per draw where both sides finished (same calibration rows)."""
+    return [o["perplexity"] / r["perplexity"] - 1 for r, o in zip(ref, ours, strict=False)]
 
 
 def markdown(results: dict) -> str:
-    cells, info = results["cells"], results["info"]
-    head = "| config | llm-compressor ppl | evopress ppl | difference | within 2%? | llm-compressor time | evopress time |"
-    lines = [head, "| --- |" + " --- |" * 6]
-    dense = cells.get("dense", {}).get("perplexity")
+    info = results["info"]
+    head = (
+        "| config | llm-compressor ppl | evopress ppl | difference of medians | within 2%? "
+        "| per-draw differences | llm-compressor time | evopress time |"
+    )
+    lines = [head, "| --- |" + " --- |" * 7]
+    dense = results["cells"].get("dense", {}).get("perplexity")
     lines.append(
-        f"| dense (float32) | {dense:.2f} | {dense:.2f} | - | - | - | - |" if dense else "| dense | - |"
+        f"| dense (float32) | {dense:.2f} | {dense:.2f} | - | - | - | - | - |" if dense else "| dense |"
     )
     for cfg in CONFIGS:
-        ref, ours = cells.get(f"{cfg.key}/llmcompressor"), cells.get(f"{cfg.key}/evopress")
-        rp = f"{ref['perplexity']:.2f}" if ref else "-"
-        op = f"{ours['perplexity']:.2f}" if ours else "-"
-        diff, ok = "-", "-"
+        ref, ours = draw_cells(results, cfg, "llmcompressor"), draw_cells(results, cfg, "evopress")
+        diff, ok, per_draw = "-", "-", "-"
         if ref and ours:
-            rel, ok = verdict(ours["perplexity"], ref["perplexity"])
+            rel, ok = verdict(median([c["perplexity"] for c in ours]), median([c["perplexity"] for c in ref]))
             diff = f"{rel * 100:+.2f}%"
+            per_draw = " ".join(f"{d * 100:+.1f}%" for d in paired_differences(ref, ours))
         lines.append(
-            f"| {cfg.label} | {rp} | {op} | {diff} | {ok} | {fmt_seconds(ref)} | {fmt_seconds(ours)} |"
+            f"| {cfg.label} | {fmt_spread(ref)} | {fmt_spread(ours)} | {diff} | {ok} | {per_draw} "
+            f"| {fmt_seconds(ref)} | {fmt_seconds(ours)} |"
         )
     lines += ["", *footer(results, info)]
     return "\n".join(lines) + "\n"
 
 
 def footer(results: dict, info: dict) -> list[str]:
-    ref_run = next((c for k, c in results["cells"].items() if k.endswith("/llmcompressor")), {})
+    ref_run = next((c for k, c in results["cells"].items() if "/llmcompressor" in k), {})
     ref_versions = ref_run.get("versions", {})
     lines = [
         f"held-out: {info['heldout_rows']} x {info['seq_len']} tokens ({info['data']}/heldout.safetensors; whole "
         "documents never calibrated on); perplexity by evopress.fitness.perplexity for both columns",
         f"model: {info['model']} ({info['model_source']}, sha256 {info['model_sha256'][:12]}), float32, "
         "block linears only (lm_head and embeddings dense)",
-        f"calibration: the first {info['calibration_rows']} x {info['seq_len']} tokens of "
-        f"{info['data']}/calibration.safetensors, the same rows on both sides",
+        f"calibration: {info['draws']} draw(s) of {info['calibration_rows']} x {info['seq_len']} tokens, draw d = "
+        f"rows [{info['calibration_rows']}d, {info['calibration_rows']}(d+1)) of {info['data']}/calibration.safetensors "
+        "(disjoint), the same rows on both sides; ppl cells: median [min, max] over the draws",
+        "why draws: at 3 bits a 1e-7 change of the Hessian alone moves this model's GPTQ perplexity by ~15% "
+        "(benchmarks/results/build_rounding.md), so one calibration sample cannot rank two quantizers 2% apart",
         f"CPU: {info['cpu']}, {info['threads']} threads; time = compression wall time (llm-compressor: its oneshot "
         "call; evopress: build_database), evaluation not included",
         f"evopress venv: torch {info['torch']}, transformers {info['transformers']}; reference venv: "
@@ -281,8 +330,8 @@ def footer(results: dict, info: dict) -> list[str]:
     ]
     for cfg in CONFIGS:
         ref, ours = (
-            results["cells"].get(f"{cfg.key}/llmcompressor"),
-            results["cells"].get(f"{cfg.key}/evopress"),
+            results["cells"].get(cell_key(cfg, "llmcompressor", 0)),
+            results["cells"].get(cell_key(cfg, "evopress", 0)),
         )
         if ref:
             lines.append(
@@ -302,7 +351,8 @@ def run_info(args, calibration: torch.Tensor, heldout: torch.Tensor) -> dict:
         "model_source": manifest.get("source", "?"),
         "model_sha256": manifest["sha256"],
         "data": str(args.data),
-        "calibration_rows": len(calibration),
+        "calibration_rows": len(calibration) // args.draws,
+        "draws": args.draws,
         "calibration_sha256": sha256_of(calibration),
         "heldout_rows": len(heldout),
         "heldout_sha256": sha256_of(heldout),
@@ -316,7 +366,7 @@ def run_info(args, calibration: torch.Tensor, heldout: torch.Tensor) -> dict:
 
 def load_results(path: Path, info: dict) -> dict:
     """The previous results when they were made on this model and data (cells kept), else an empty set."""
-    same = ("model_sha256", "calibration_sha256", "heldout_sha256")
+    same = ("model_sha256", "heldout_sha256")  # each cell records its own draw's calibration rows
     if path.exists():
         old = json.loads(path.read_text())
         if all(old.get("info", {}).get(k) == info[k] for k in same):
@@ -333,7 +383,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=REPO / "data" / "model", help="a prepared model folder")
     ap.add_argument("--data", type=Path, default=REPO / "data" / "text", help="a prepared data folder")
-    ap.add_argument("--rows", type=int, default=16, help="calibration rows (the first ones), both sides")
+    ap.add_argument("--rows", type=int, default=16, help="calibration rows per draw, the same on both sides")
+    ap.add_argument(
+        "--draws",
+        type=int,
+        default=1,
+        help="disjoint calibration draws (rows*draws rows needed); medians reported",
+    )
     ap.add_argument(
         "--only", default="", help="comma-separated config keys: " + ", ".join(c.key for c in CONFIGS)
     )
@@ -341,10 +397,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "reference_quantizers.json")
     args = ap.parse_args()
     configs = [c for c in CONFIGS if not args.only or c.key in args.only.split(",")]
-    calibration = load_tokens(args.data, "calibration")[: args.rows]
-    if len(calibration) < args.rows:
+    wanted = args.rows * args.draws
+    calibration = load_tokens(args.data, "calibration")[:wanted]
+    if len(calibration) < wanted:
         raise SystemExit(
-            f"{args.data} has {len(calibration)} calibration rows, fewer than --rows {args.rows}"
+            f"{args.data} has {len(calibration)} calibration rows, fewer than --rows {args.rows} x --draws "
+            f"{args.draws}; prepare it with --n-calibration {wanted} or more"
         )
     heldout = load_tokens(args.data, "heldout")
     results = load_results(args.out, run_info(args, calibration, heldout))
@@ -357,15 +415,26 @@ def main() -> None:
             "eval_seconds": time.perf_counter() - started,
         }
         save(results, args.out)
-    for cfg in configs:
-        for side in ("llmcompressor", "evopress"):
-            key = f"{cfg.key}/{side}"
-            if key in cells and not args.redo:
-                continue
-            print(f"--- {cfg.label}: {side}", flush=True)
-            cells[key] = measure(side, cfg, args, heldout, python)
-            print(f"{key}: ppl {cells[key]['perplexity']:.3f} in {cells[key]['seconds']:.0f} s", flush=True)
-            save(results, args.out)
+    with tempfile.TemporaryDirectory(prefix="reference-draws-") as tmp:
+        # draw by draw, so that a stopped run has whole draws of every config to compare
+        for draw in range(args.draws):
+            data = draw_folder(calibration, heldout, args.rows, draw, Path(tmp))
+            for cfg in configs:
+                for side in ("llmcompressor", "evopress"):
+                    key = cell_key(cfg, side, draw)
+                    rows_sha = sha256_of(calibration[args.rows * draw : args.rows * (draw + 1)])
+                    if cells.get(key, {}).get("calibration_sha256") == rows_sha and not args.redo:
+                        continue
+                    print(f"--- {cfg.label}, draw {draw}: {side}", flush=True)
+                    cells[key] = {
+                        **measure(side, cfg, args, heldout, python, data),
+                        "calibration_sha256": rows_sha,
+                    }
+                    print(
+                        f"{key}: ppl {cells[key]['perplexity']:.3f} in {cells[key]['seconds']:.0f} s",
+                        flush=True,
+                    )
+                    save(results, args.out)
     save(results, args.out)
     print(markdown(results), flush=True)
 
