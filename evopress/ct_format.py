@@ -123,20 +123,27 @@ def quantization_config(linears: dict[str, Quantized]) -> dict:
     }
 
 
-def write(model, tokenizer, linears: dict[str, Quantized], folder: Path) -> dict:
-    """Write the layout above into `folder` (new or empty: the caller renames it into place); returns the
-    quantization config. `linears` maps module names of nn.Linear modules to their quantized weights."""
-    from safetensors.torch import save_file
-
+def start_folder(model, tokenizer, names: list[str], folder: Path) -> Path:
+    """`folder` made, config and tokenizer saved, after checking that every name is an nn.Linear of `model`:
+    what every compressed-tensors writer (quantized here, sparse in sparse_format) does before its weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in linears:
+    for name in names:
         require(
             isinstance(model.get_submodule(name), torch.nn.Linear), f"{name!r} is not an nn.Linear module"
         )
     model.config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write(model, tokenizer, linears: dict[str, Quantized], folder: Path) -> dict:
+    """Write the layout above into `folder` (new or empty: the caller renames it into place); returns the
+    quantization config. `linears` maps module names of nn.Linear modules to their quantized weights."""
+    from safetensors.torch import save_file
+
+    folder = start_folder(model, tokenizer, list(linears), folder)
     qconfig = quantization_config(linears)
     path = folder / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "quantization_config": qconfig}, indent=2))

@@ -203,6 +203,13 @@ def strip_gguf_quantization(model) -> None:
     model.is_quantized = False
 
 
+def save_plain(model, tokenizer, folder: Path) -> None:
+    """save_pretrained as safetensors (GGUF quantization metadata dropped: the weights are dequantized) + tokenizer."""
+    strip_gguf_quantization(model)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
 def save_model(model, tokenizer, out_dir: Path, source: str) -> dict:
     """Save as safetensors + tokenizer + manifest into `out_dir` (via a temp folder, renamed at the end)."""
     return write_model_folder(model, tokenizer, out_dir, source, extra={})
@@ -220,12 +227,7 @@ def write_model_folder(
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         _remove_tree(tmp)
-    if writer is None:
-        strip_gguf_quantization(model)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    else:
-        writer(tmp)
+    (writer or (lambda folder: save_plain(model, tokenizer, folder)))(tmp)
     for name, obj in extra.items():
         atomic_write_json(tmp / name, obj)
     manifest = {

@@ -93,15 +93,9 @@ def write(model, tokenizer, names: list[str], folder: Path, global_sparsity: flo
     sparse; returns the quantization config."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        require(
-            isinstance(model.get_submodule(name), torch.nn.Linear), f"{name!r} is not an nn.Linear module"
-        )
-    model.config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    from evopress.ct_format import start_folder
+
+    folder = start_folder(model, tokenizer, names, folder)
     qconfig = quantization_config(names, global_sparsity)
     path = folder / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "quantization_config": qconfig}, indent=2))

@@ -173,7 +173,7 @@ def stitch(model_dir: Path, profile: dict, db, out_dir: Path) -> dict:
 
     Removed parts are gone from the files and the compute (see stitching.py for the layout each case gets)."""
     from evopress.compressors.depth.stitching import prune, weights_bytes, writer_for
-    from evopress.models import load_model, strip_gguf_quantization, write_model_folder
+    from evopress.models import load_model, save_plain, write_model_folder
     from evopress.profile import validate_units
 
     model, tokenizer = load_model(str(model_dir))
@@ -193,12 +193,7 @@ def stitch(model_dir: Path, profile: dict, db, out_dir: Path) -> dict:
 
     def write(folder: Path) -> None:
         custom = writer_for(layout, model, tokenizer, no_ops)
-        if custom is None:
-            strip_gguf_quantization(model)
-            model.save_pretrained(folder, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-        else:
-            custom(folder)
+        (custom or (lambda out: save_plain(model, tokenizer, out)))(folder)
         report["bytes_weights"] = weights_bytes(folder)
 
     write_model_folder(
