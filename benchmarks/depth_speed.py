@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ import evopress
 from evopress.adapter import ModelAdapter
 from evopress.compressors.depth import make, stitch
 from evopress.device import cpu_name
+from evopress.evaluate import timed_forwards
 from evopress.models import load_model, parse_dtype
 from evopress.profile import make_profile
 
@@ -51,14 +51,6 @@ def stitch_searched(model_dir: Path, granularity: str, k: int, out: Path) -> dic
     return {**report, "removed": removed}
 
 
-def forward(model, tokens: torch.Tensor) -> float:
-    """Seconds of one no-cache forward over `tokens` (the logits really produced)."""
-    start = time.perf_counter()
-    with torch.no_grad():
-        model(input_ids=tokens, use_cache=False).logits.sum()
-    return time.perf_counter() - start
-
-
 def load_models(model_dir: Path, folders: dict[str, Path], dtype: str) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -69,16 +61,6 @@ def load_models(model_dir: Path, folders: dict[str, Path], dtype: str) -> dict:
     )
     models["block"] = stock.eval()
     return models
-
-
-def measure(models: dict, tokens: torch.Tensor, rounds: int) -> dict[str, list[float]]:
-    for model in models.values():  # warm-up
-        forward(model, tokens)
-    seconds: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            seconds[name].append(forward(model, tokens))
-    return seconds
 
 
 def ensure_model(model_dir: Path) -> None:
@@ -107,7 +89,7 @@ def main() -> None:
         sizes = {"dense": weights_bytes(args.model), **{g: weights_bytes(f) for g, f in folders.items()}}
         models = load_models(args.model, folders, args.dtype)
         params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-        seconds = measure(models, tokens, args.rounds)
+        seconds = timed_forwards(models, tokens, args.rounds)
     n = tokens.numel()
     rows = []
     for name, secs in seconds.items():
