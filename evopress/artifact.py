@@ -28,6 +28,13 @@ def model_format(folder: Path) -> tuple[str, str]:
         return "evopress-packed", OURS
     if ct_format.is_compressed_tensors(folder):
         fmt = (config.get("quantization_config") or {}).get("format", "")
+        if ct_format.packs_zero_points(
+            folder
+        ):  # transformers 5.x refuses packed zero points; vLLM reads them
+            return (
+                f"compressed-tensors {fmt} (zero points packed)".strip(),
+                f"{OURS} (vLLM's layout; not tried)",
+            )
         return f"compressed-tensors {fmt}".strip(), f"{STOCK} or {OURS}"
     arch = (config.get("architectures") or ["?"])[0]
     return f"safetensors {arch}", f"{STOCK} or {OURS}"

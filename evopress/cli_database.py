@@ -4,6 +4,7 @@
       --option target=0.5 [--option num_levels=4 ...]
   evopress stitch --method sparsity --model data/model --profile P.json --db data/db/sparsity --out DIR
   evopress stitch --method quantization ... --option format=evopress-packed   (default: compressed-tensors)
+  evopress recode-db data/db/quantization data/db/quantization-compact   (an old plain database made compact)
 """
 
 from __future__ import annotations
@@ -45,6 +46,24 @@ def build_db_cmd(
     typer.echo(
         f"database {out}: {len(db.pairs())} files, {db.size_on_disk() / 1e6:.1f} MB, "
         f"complete={db.manifest['complete']}, {time.perf_counter() - start:.1f} s"
+    )
+
+
+@app.command("recode-db")
+def recode_db_cmd(
+    src: Path = typer.Argument(..., help="a complete level database"),
+    dst: Path = typer.Argument(..., help="new folder for the copy (resumes a copy left unfinished)"),
+    encoding: str = typer.Option("compact", help="compact (bit planes, bitmask + non-zeros) | plain"),
+) -> None:
+    """Copy a level database with every file in another encoding; every tensor reads back the same."""
+    from evopress.database import LevelDatabase, recode
+
+    start = time.perf_counter()
+    before = LevelDatabase.open(src).size_on_disk()
+    db = recode(src, dst, encoding)
+    typer.echo(
+        f"database {dst}: {len(db.pairs())} files, {db.encoding}, {db.size_on_disk() / 1e6:.1f} MB "
+        f"(was {before / 1e6:.1f} MB), {time.perf_counter() - start:.1f} s"
     )
 
 

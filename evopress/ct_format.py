@@ -24,11 +24,16 @@ the product to that dtype, so `load` below always loads at float32 and casts aft
 
 Groups are contiguous in the original column order (act-order is "static"), so no g_idx is needed.
 
-vLLM: its compressed-tensors support serves integer weights in "group"/"channel" schemes at 4 or 8 bits (with zero
-points), with the fused q/k/v and gate/up linears at one scheme. The quantization options `fuse: true` and
-`kernel: marlin` (compressors/quantization/serving.py) make a profile meet the bits and fusion rules (each fused
-module's parts then sit in one config group here); the "block" strategy below is still not one vLLM's WNA16
-path matches, so this layout is chosen for what loads with stock transformers.
+Two strategies for the same numbers (stitch formats `compressed-tensors` and `compressed-tensors-group`):
+- "block" (1 x group; the default format): zero points int8 [rows, groups], unpacked. Stock
+  `from_pretrained` loads it (see `weight_args`).
+- "group" (or "channel" for whole-row groups): zero points packed into int32 along the rows, [ceil(rows * bits /
+  32), groups], which is what llm-compressor writes for its asymmetric presets (W4A16_ASYM) and what vLLM's
+  compressed-tensors WNA16 scheme reads (`weight_zero_point`, packed_dim 0). transformers 5.x refuses such a
+  folder (its loader expects the unpacked shape: llm-compressor issue #1618), so `load` below decompresses it
+  with the package's own `PackedQuantizationCompressor.decompress` instead. vLLM runs only 4 and 8 bits, with
+  q/k/v and gate/up at one scheme: make the profile with the quantization options `fuse: true, kernel: marlin`
+  (compressors/quantization/serving.py). No vLLM load was tried here (no vLLM on a CPU-only machine).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ if TYPE_CHECKING:
     from evopress.packing import Quantized
 
 FORMAT = "pack-quantized"
+STRATEGIES = ("block", "group")  # "group" is written as "channel" where a group is the whole row
 WEIGHTS_FILE = "model.safetensors"
 IGNORE = ["lm_head"]  # never quantized here (the targets name block linears only); said for readers like vLLM
 
@@ -56,26 +62,32 @@ def signed(values: torch.Tensor, bits: int) -> torch.Tensor:
     return (values.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
 
 
-def linear_tensors(name: str, q: Quantized) -> dict[str, torch.Tensor]:
+def linear_tensors(name: str, q: Quantized, strategy: str = "block") -> dict[str, torch.Tensor]:
     """The four tensors the pack-quantized compressor keeps for one linear (see the module docstring)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     rows, cols = q.codes.shape
+    zero = signed(q.zero, q.bits).contiguous()  # int8 [rows, groups]: as is for "block"
+    if strategy == "group":  # packed along the rows, as the package's compress does for group/channel
+        zero = pack_to_int32(zero, q.bits, packed_dim=0).contiguous()
     return {
         f"{name}.weight_packed": pack_to_int32(signed(q.codes, q.bits), q.bits),
-        f"{name}.weight_zero_point": signed(q.zero, q.bits).contiguous(),  # int8, unpacked (block strategy)
+        f"{name}.weight_zero_point": zero,
         f"{name}.weight_scale": q.scale.to(torch.float16).contiguous(),
         f"{name}.weight_shape": torch.tensor([rows, cols], dtype=torch.int64),
     }
 
 
-def scheme_key(q: Quantized) -> tuple[int, int]:
-    """(bits, group size) of a linear; a whole-row group is a group as wide as the row."""
-    return q.bits, q.group_size
+def scheme_key(q: Quantized) -> tuple[int, int, int]:
+    """(bits, group size, columns) of a linear; a whole-row group is a group as wide as the row (the columns
+    matter only there: a channel scheme for "group", a block as wide as the row for "block")."""
+    cols = q.codes.shape[1]
+    return q.bits, q.group_size, cols if q.group_size == cols else 0
 
 
-def weight_args(bits: int, group_size: int) -> dict:
-    """QuantizationArgs of our grid: integer, asymmetric (a zero point per group), static, blocks of 1 x group.
+def weight_args(bits: int, group_size: int, cols: int = 0, strategy: str = "block") -> dict:
+    """QuantizationArgs of our grid: integer, asymmetric (a zero point per group), static, blocks of 1 x group
+    (or, for `strategy="group"`, groups of `group_size`, a channel when the group is the whole row of `cols`).
 
     Why "block" and not "group": the two dequantize alike (a [rows, cols / group] scale and zero point, each for
     `group` consecutive columns of one row), but for "group" the package packs the zero points into int32 words
@@ -84,6 +96,14 @@ def weight_args(bits: int, group_size: int) -> dict:
     llm-compressor issue #1618 for asymmetric models). For "block" zero points stay int8 [rows, groups] in the
     package's own compress, load and decompress paths, and load with stock from_pretrained.
     """
+    require(
+        strategy in STRATEGIES, f"compressed-tensors strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}"
+    )
+    if strategy == "group":
+        base = {"num_bits": bits, "type": "int", "symmetric": False, "dynamic": False}
+        if cols and group_size == cols:
+            return {**base, "strategy": "channel"}
+        return {**base, "strategy": "group", "group_size": group_size}
     return {
         "num_bits": bits,
         "type": "int",
@@ -94,7 +114,7 @@ def weight_args(bits: int, group_size: int) -> dict:
     }
 
 
-def quantization_config(linears: dict[str, Quantized]) -> dict:
+def quantization_config(linears: dict[str, Quantized], strategy: str = "block") -> dict:
     """config.json's `quantization_config`: one group per (bits, group size), targets = exact module names.
 
     Built and validated with the package's own pydantic classes, then dumped as llm-compressor's
@@ -103,12 +123,14 @@ def quantization_config(linears: dict[str, Quantized]) -> dict:
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
-    by_key: dict[tuple[int, int], list[str]] = {}
+    by_key: dict[tuple[int, int, int], list[str]] = {}
     for name, q in linears.items():
         by_key.setdefault(scheme_key(q), []).append(name)
     # targets are exact module names, not regexes: a plain name matches only itself (the package's match_name)
     groups = {
-        f"group_{i}": QuantizationScheme(targets=sorted(names), weights=weight_args(*key), format=FORMAT)
+        f"group_{i}": QuantizationScheme(
+            targets=sorted(names), weights=weight_args(*key, strategy=strategy), format=FORMAT
+        )
         for i, (key, names) in enumerate(sorted(by_key.items()))
     }
     config = QuantizationConfig(
@@ -138,20 +160,23 @@ def start_folder(model, tokenizer, names: list[str], folder: Path) -> Path:
     return folder
 
 
-def write(model, tokenizer, linears: dict[str, Quantized], folder: Path) -> dict:
+def write(model, tokenizer, linears: dict[str, Quantized], folder: Path, strategy: str = "block") -> dict:
     """Write the layout above into `folder` (new or empty: the caller renames it into place); returns the
     quantization config. `linears` maps module names of nn.Linear modules to their quantized weights."""
     from safetensors.torch import save_file
 
+    require(
+        strategy in STRATEGIES, f"compressed-tensors strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}"
+    )
     folder = start_folder(model, tokenizer, list(linears), folder)
-    qconfig = quantization_config(linears)
+    qconfig = quantization_config(linears, strategy)
     path = folder / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "quantization_config": qconfig}, indent=2))
     skip = {f"{name}.weight" for name in linears}
     # tied weights (lm_head = embed_tokens) are one tensor: saved once under its first name, as save_pretrained does
     tensors = unique_tensors(model, skip)
     for name, q in linears.items():
-        tensors.update(linear_tensors(name, q))
+        tensors.update(linear_tensors(name, q, strategy))
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     return qconfig
 
@@ -215,15 +240,86 @@ def saved_dtype(folder: Path) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+def packs_zero_points(folder: Path) -> bool:
+    """Whether a compressed-tensors folder has asymmetric group/channel schemes (zero points packed along the rows:
+    llm-compressor's and our "group" layout), which transformers 5.x cannot load."""
+    qconfig = (read_config_json(folder) or {}).get("quantization_config") or {}
+    return any(
+        (group.get("weights") or {}).get("strategy") in ("group", "channel")
+        and not (group.get("weights") or {}).get("symmetric", True)
+        for group in (qconfig.get("config_groups") or {}).values()
+    )
+
+
+def _scheme_of(module: str, groups: dict):
+    """The QuantizationScheme whose targets name `module` (ours: exact names); a single group covers all
+    (llm-compressor's presets target the class, e.g. "Linear")."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    named = [g for g in groups.values() if module in g.get("targets", [])]
+    require(
+        len(named) == 1 or (not named and len(groups) == 1),
+        f"no single quantization scheme targets {module!r} ({len(named)} name it, {len(groups)} groups)",
+    )
+    return QuantizationScheme.model_validate((named or list(groups.values()))[0])
+
+
+def dense_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The folder's tensors with every quantized linear decompressed under its `.weight` name, float32 scales
+    (where the package's dequantization of our float16 scales is exact), by the package's own decompress."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from safetensors.torch import load_file
+
+    groups = ((read_config_json(folder) or {}).get("quantization_config") or {}).get("config_groups") or {}
+    state, fields = {}, {}
+    for key, tensor in load_file(str(Path(folder) / WEIGHTS_FILE)).items():
+        module, _, suffix = key.rpartition(".")
+        if suffix in QUANT_SUFFIXES:
+            fields.setdefault(module, {})[suffix] = tensor
+        else:
+            state[key] = tensor
+    for module, parts in fields.items():
+        parts["weight_scale"] = parts["weight_scale"].float()
+        out = PackedQuantizationCompressor.decompress(parts, _scheme_of(module, groups))
+        state[f"{module}.weight"] = out["weight"].float()
+    return state
+
+
+@torch.no_grad()
+def model_from_state(folder: Path, state: dict, dtype: torch.dtype, attn_implementation: str | None = None):
+    """A plain transformers model of the folder's config holding `state` (its compression already undone)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):  # undone here; transformers must not look for a quantizer
+        del config.quantization_config
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with no_init_weights():  # every weight is overwritten below: random init would only cost time
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    require(not unexpected, f"{str(folder)!r}: unexpected tensors {unexpected[:3]}")
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
+    require(not set(missing) - tied, f"{str(folder)!r}: missing tensors {sorted(set(missing) - tied)[:3]}")
+    model.tie_weights()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
 def load(folder: Path, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
     """A working dense model from a compressed-tensors folder, with exactly our dequantized weights.
 
     Loaded at float32 (where the package's dequantization is exact, see the module docstring), decompressed,
-    then cast to `dtype` (default: the saved one): the same numbers as `evopress.packing.load_packed`.
+    then cast to `dtype` (default: the saved one): the same numbers as `evopress.packing.load_packed`. Folders
+    with packed zero points (the "group" layout) go through `dense_state_dict`, since transformers refuses them.
     """
     from transformers import AutoModelForCausalLM
 
     dtype = dtype or saved_dtype(folder)
+    if packs_zero_points(folder):
+        model = model_from_state(folder, dense_state_dict(folder), torch.float32, attn_implementation)
+        return model.to(dtype) if dtype != torch.float32 else model
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
     dense_in_place(model)

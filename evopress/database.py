@@ -4,8 +4,14 @@ Method-agnostic: a unit at a level is a dict of named tensors (e.g. {"weight": .
 method's business. Layout of a database folder:
 
   manifest.json                    model sha256, method, build parameters, units -> levels and tensor shapes,
-                                   and per file its size and sha256 (only files whose write completed)
+                                   the encoding of the files, and per file its size and sha256 (only files whose
+                                   write completed)
   files/<unit>/L<level>.safetensors   written atomically (temp file + rename)
+
+Encoding (evopress/level_codecs.py): new databases are "compact" (GPTQ codes as bit planes, sparse weights as
+bitmask + non-zeros: exact, several times smaller); databases written before it have no `encoding` entry and
+read as "plain". `recode` converts one into the other. The cache holds files as stored, so compact databases
+also keep several times more levels in the same memory; they are decoded on every load.
 
 Guarantees:
 - nothing half-written is ever read: files appear only through atomic renames, and a file is used only when its
@@ -29,6 +35,7 @@ import torch
 
 from evopress.errors import UserError, require
 from evopress.io import atomic_save_safetensors, atomic_write_json, sha256_file
+from evopress.level_codecs import check_encoding, decode, encode, nbytes
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -96,13 +103,16 @@ class LevelDatabase:
     _cached: int = 0
     _verified: set = field(default_factory=set, repr=False)
     load_seconds: float = 0.0  # time spent reading files (cache misses), for benchmarks
+    decode_seconds: float = 0.0  # time spent decoding compact files (every load)
     loads: int = 0
     hits: int = 0
 
     # --- opening ---------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, root: Path, spec: DatabaseSpec, **kw) -> LevelDatabase:
-        """Open `root` for building `spec`: a new database, or an existing one with exactly the same spec."""
+    def create(cls, root: Path, spec: DatabaseSpec, encoding: str = "compact", **kw) -> LevelDatabase:
+        """Open `root` for building `spec`: a new database, or an existing one with exactly the same spec (which
+        keeps its own encoding, so a resumed build writes the files the way it started)."""
+        check_encoding(encoding)
         root = Path(root)
         path = root / MANIFEST
         if path.exists():
@@ -117,7 +127,13 @@ class LevelDatabase:
             not root.exists() or not any(root.iterdir()),
             f"{str(root)!r} exists, is not empty and has no {MANIFEST}; refusing to build a database into it",
         )
-        manifest = {"format": FORMAT, **_normalize(spec.to_json()), "files": {}, "complete": False}
+        manifest = {
+            "format": FORMAT,
+            **_normalize(spec.to_json()),
+            "encoding": encoding,
+            "files": {},
+            "complete": False,
+        }
         atomic_write_json(path, manifest)
         return cls(root, manifest, **kw)
 
@@ -152,6 +168,10 @@ class LevelDatabase:
     @property
     def method(self) -> str:
         return self.manifest["method"]
+
+    @property
+    def encoding(self) -> str:
+        return self.manifest.get("encoding", "plain")
 
     @property
     def params(self) -> dict:
@@ -215,7 +235,7 @@ class LevelDatabase:
                 f"{unit} level {level}: tensor {name} has shape {list(t.shape)}, manifest says {shapes[name]}",
             )
         path = self.path(unit, level)
-        atomic_save_safetensors(path, tensors)
+        atomic_save_safetensors(path, encode(tensors, self.encoding))
         key = self.key(unit, level)
         self.manifest["files"][key] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         self._verified.add(key)
@@ -235,18 +255,22 @@ class LevelDatabase:
 
     # --- reading ---------------------------------------------------------------------------------------------
     def load(self, unit: str, level: int) -> Tensors:
-        """Tensors of (unit, level), checked against the manifest on first read; served from the cache after."""
+        """Tensors of (unit, level), checked against the manifest on first read; the file as stored is cached."""
         self._check_known(unit, level)
         key = self.key(unit, level)
         if key in self._cache:
             self._cache.move_to_end(key)
             self.hits += 1
-            return self._cache[key]
+            stored = self._cache[key]
+        else:
+            start = time.perf_counter()
+            stored = self._read_verified(unit, level, key)
+            self.load_seconds += time.perf_counter() - start
+            self.loads += 1
+            self._remember(key, stored)
         start = time.perf_counter()
-        tensors = self._read_verified(unit, level, key)
-        self.load_seconds += time.perf_counter() - start
-        self.loads += 1
-        self._remember(key, tensors)
+        tensors = decode(stored, self.shapes(unit))
+        self.decode_seconds += time.perf_counter() - start
         return tensors
 
     def _read_verified(self, unit: str, level: int, key: str) -> Tensors:
@@ -272,19 +296,19 @@ class LevelDatabase:
         return load(data)
 
     def _remember(self, key: str, tensors: Tensors) -> None:
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        size = nbytes(tensors)
         if size > self.cache_bytes:
             return
         self._cache[key] = tensors
         self._cached += size
         while self._cached > self.cache_bytes:
             _, old = self._cache.popitem(last=False)
-            self._cached -= sum(t.numel() * t.element_size() for t in old.values())
+            self._cached -= nbytes(old)
 
     def _evict(self, key: str) -> None:
         old = self._cache.pop(key, None)
         if old is not None:
-            self._cached -= sum(t.numel() * t.element_size() for t in old.values())
+            self._cached -= nbytes(old)
 
     def content_sha256(self) -> str:
         """One hash of the database's content: every file's recorded sha256, in a fixed order (no re-hashing)."""
@@ -303,6 +327,7 @@ class LevelDatabase:
             "cache_hits": self.hits,
             "load_seconds": self.load_seconds,
             "seconds_per_load": self.load_seconds / max(self.loads, 1),
+            "decode_seconds": self.decode_seconds,
             "cached_bytes": self._cached,
         }
 
@@ -329,3 +354,25 @@ def verify_database(root: Path) -> LevelDatabase:
         )
         db._verified.add(key)
     return db
+
+
+def recode(src: Path, dst: Path, encoding: str) -> LevelDatabase:
+    """Write a copy of the complete database `src` into `dst` with every file in `encoding` (e.g. an old plain
+    database made compact); the content is unchanged (every tensor decodes to the same values). Resumable: files
+    already in `dst` are kept. `dst` must be new or a copy of the same spec."""
+    check_encoding(encoding)
+    source = verify_database(Path(src))
+    require(source.manifest.get("complete"), f"database {str(src)!r} is not complete; finish its build first")
+    spec = DatabaseSpec(**{k: source.manifest[k] for k in ("model_sha256", "method", "params", "units")})
+    target = LevelDatabase.create(Path(dst), spec, encoding=encoding)
+    require(
+        target.encoding == encoding,
+        f"{str(dst)!r} already holds this database as {target.encoding!r}, not {encoding!r}; use another folder",
+    )
+    todo = set(target.todo())
+    for unit, level in source.pairs():
+        if (unit, level) in todo:
+            target.write(unit, level, source.load(unit, level), flush=False)
+            source._evict(source.key(unit, level))
+    target.finish()
+    return target

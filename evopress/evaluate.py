@@ -23,7 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -71,6 +71,7 @@ class Candidate:
     profile: Path | None = None
     db: Path | None = None
     stitched: Path | None = None  # the deliverable (must exist); None: stitched into a temporary folder here
+    stitch: dict = field(default_factory=dict)  # stitch options (the format) when stitched here
 
 
 # --- speed: forward tokens/s, side by side -------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def _artifact(c: Candidate, method: str, model_dir: Path, scratch: Path | None) 
         Path(scratch).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".evaluate-{method}-{c.label}-", dir=scratch) as tmp:
         folder = Path(tmp) / "model"
-        stitch(method, model_dir, Path(c.profile), c.db, folder)
+        stitch(method, model_dir, Path(c.profile), c.db, folder, c.stitch)
         yield folder
 
 

@@ -46,6 +46,7 @@ _COMMON = [
     "evopress/ct_format.py",
     "evopress/data.py",
     "evopress/database.py",
+    "evopress/level_codecs.py",
     "evopress/depth_format.py",
     "evopress/errors.py",
     "evopress/io.py",

@@ -79,3 +79,25 @@ def database_sha256(method: str, db: Path | None) -> str | None:
 
     db = database_of(method, db)
     return LevelDatabase.open(db).content_sha256() if db is not None else None
+
+
+def check_stitch_options(method: str, options: dict | None) -> dict:
+    """The method's stitch keywords (quantization: format=compressed-tensors|compressed-tensors-group|
+    evopress-packed; sparsity: format=dense|sparse-bitmask; depth: none), checked by name and, for `format`,
+    by value; a one-line error otherwise."""
+    import inspect
+
+    options = dict(options or {})
+    allowed = list(inspect.signature(method_function(method, "stitch")).parameters)[4:]  # after the 4 inputs
+    unknown = sorted(k for k in options if k not in allowed)
+    require(
+        not unknown,
+        f"unknown stitch options {unknown} for method {method!r}; allowed: {', '.join(allowed) or 'none'}",
+    )
+    formats = getattr(importlib.import_module(METHODS[method][0]), "FORMATS", None)
+    if "format" in options and formats:
+        require(
+            options["format"] in formats,
+            f"stitch format {options['format']!r} for method {method!r}; allowed: {', '.join(formats)}",
+        )
+    return options

@@ -17,7 +17,7 @@ import yaml
 from evopress.config import DTYPES, ComputeConfig, SearchConfig, from_tree
 from evopress.data import DataSpec, validate_spec
 from evopress.errors import UserError, require
-from evopress.methods import METHODS, baselines, check_settings
+from evopress.methods import METHODS, baselines, check_settings, check_stitch_options
 from evopress.zero_shot import LmEvalParams
 
 SPLITS = ("calibration", "heldout")
@@ -38,6 +38,9 @@ class MethodParams:
     baselines: list[str] = field(default_factory=list)
     baseline_tokens: int = 2048
     baseline_seed: int = 0
+    stitch: dict[str, typing.Any] = field(
+        default_factory=dict
+    )  # the stitched folder's format (stitch options)
 
 
 @dataclass
@@ -94,6 +97,7 @@ def check_method(name: str, m: MethodParams, calibration_tokens: int) -> None:
     if name == "depth":
         require(not m.database, f"{key}.database: method {name!r} has no level database; remove the key")
     _in_key(key, check_settings, name, m.target, m.options, m.database)
+    _in_key(f"{key}.stitch", check_stitch_options, name, m.stitch)
 
 
 def check(params: Params) -> Params:
@@ -114,7 +118,16 @@ def check(params: Params) -> Params:
 
 # Keys dvc.yaml lists under `params:`: DVC needs them written out in the file (it does not know our defaults).
 DVC_KEYS = ("model", "data", "compute", "methods", "evaluate")
-DVC_METHOD_KEYS = ("target", "options", "database", "search", "baselines", "baseline_tokens", "baseline_seed")
+DVC_METHOD_KEYS = (
+    "target",
+    "options",
+    "database",
+    "search",
+    "baselines",
+    "baseline_tokens",
+    "baseline_seed",
+    "stitch",
+)
 
 
 def _check_dvc_keys(tree) -> None:

@@ -211,7 +211,7 @@ def baselines(p: Params, layout: Layout, m: str, log) -> StageResult:
 
 def stitch(p: Params, layout: Layout, m: str, log) -> StageResult:
     out, profile = layout.stitched(m), layout.search(m) / "profile.json"
-    report = stages.stitch(m, layout.model, profile, layout.db(m), out)
+    report = stages.stitch(m, layout.model, profile, layout.db(m), out, p.methods[m].stitch)
     log(f"stitched {out}")
     manifest = json.loads((out / "evopress_model.json").read_text())
     tags = {"database.sha256": report["database_sha256"]} if report.get("database_sha256") else {}
@@ -234,7 +234,7 @@ def candidates(p: Params, layout: Layout) -> list:
         if searched.is_file():
             out.append(Candidate("evopress", m, searched, layout.db(m), layout.stitched(m)))
         for path in sorted(layout.baselines(m).glob("*/profile.json")):
-            out.append(Candidate(path.parent.name, m, path, layout.db(m)))
+            out.append(Candidate(path.parent.name, m, path, layout.db(m), stitch=p.methods[m].stitch))
     return out
 
 

@@ -142,27 +142,9 @@ def dense_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-@torch.no_grad()
 def load(folder: Path, dtype: torch.dtype | None = None, attn_implementation: str | None = None):
     """A plain transformers model (dense weights with the zeros back) from a sparse-bitmask folder."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+    from evopress.ct_format import model_from_state
 
-    config = AutoConfig.from_pretrained(folder)
-    if hasattr(config, "quantization_config"):
-        del (
-            config.quantization_config
-        )  # the sparsity is undone here; transformers must not look for a quantizer
     state = dense_state_dict(folder)
-    dtype = dtype or next(iter(state.values())).dtype
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with no_init_weights():  # every weight is overwritten below: random init would only cost time
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    require(not unexpected, f"{str(folder)!r}: unexpected tensors {unexpected[:3]}")
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if config.tie_word_embeddings else set()
-    require(not set(missing) - tied, f"{str(folder)!r}: missing tensors {sorted(set(missing) - tied)[:3]}")
-    model.tie_weights()
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return model_from_state(folder, state, dtype or next(iter(state.values())).dtype, attn_implementation)

@@ -196,11 +196,9 @@ def stitch(
 ) -> dict:
     """Profile file + database -> a compressed model folder; returns the stitch report.
 
-    `options` are the method's stitch keywords (quantization: format=compressed-tensors|evopress-packed; sparsity: format=dense|sparse-bitmask)."""
-    import inspect
-
+    `options` are the method's stitch keywords (`check_stitch_options`)."""
     from evopress.database import verify_database
-    from evopress.methods import method_function, needs_database
+    from evopress.methods import check_stitch_options, method_function, needs_database
     from evopress.models import verify_model
     from evopress.profile import read_profile
 
@@ -209,14 +207,8 @@ def stitch(
         profile["method"] == method,
         f"profile {str(profile_path)!r} is for method {profile['method']!r}, not {method!r}",
     )
-    options = dict(options or {})
+    options = check_stitch_options(method, options)
     function = method_function(method, "stitch")
-    allowed = list(inspect.signature(function).parameters)[4:]  # after (model_dir, profile, db, out_dir)
-    unknown = sorted(k for k in options if k not in allowed)
-    require(
-        not unknown,
-        f"unknown stitch options {unknown} for method {method!r}; allowed: {', '.join(allowed) or 'none'}",
-    )
     require_apart(out, folders={"model": model_dir, "database": db}, files={"profile": profile_path})
     if needs_database(method):
         require(db is not None, f"stitching {method} needs its level database (--db)")

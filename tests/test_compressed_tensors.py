@@ -201,8 +201,72 @@ def test_stitch_format_option(stitched, tmp_path):
         ct += 4 * rows * -(-cols * bits // 32) + groups + 2 * groups + 16
         packed += -(-rows * cols * bits // 8) + -(-groups * bits // 8) + 2 * groups
     assert ct_report["bytes_quantized"] == ct and report["bytes_quantized"] == packed
-    with pytest.raises(UserError, match="is not one of compressed-tensors, evopress-packed"):
+    allowed = "allowed: compressed-tensors, compressed-tensors-group, evopress-packed"
+    with pytest.raises(UserError, match=f"stitch format 'gguf' for method 'quantization'; {allowed}"):
         stitch(*args, tmp_path / "bad", {"format": "gguf"})
     with pytest.raises(UserError, match=r"unknown stitch options \['bits'\]"):
         stitch(*args, tmp_path / "bad", {"bits": 3})
     assert not (tmp_path / "bad").exists()
+
+
+def test_group_layout_is_what_the_package_writes_and_loads_back_exactly(stitched, tmp_path):
+    """format=compressed-tensors-group: strategy group (channel for whole rows) with zero points packed along the
+    rows, tensor for tensor what the package's own compressor writes (llm-compressor's asymmetric layout, the
+    one vLLM's WNA16 reads); evopress.load_model gives the same logits as the default folder."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from evopress.artifact import model_format
+    from evopress.stages import stitch
+
+    root, comp, units, ct_report = stitched
+    profile = {
+        "method": "quantization",
+        "target": TARGET,
+        "options": {},
+        "units": units,
+        "model_sha256": None,
+    }
+    (tmp_path / "p.json").write_text(json.dumps(profile))
+    report = stitch(
+        "quantization",
+        root / "model",
+        tmp_path / "p.json",
+        root / "db",
+        tmp_path / "g",
+        {"format": "compressed-tensors-group"},
+    )
+    assert report["format"] == "compressed-tensors-group"
+    qconfig = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    for group in qconfig["config_groups"].values():
+        w = group["weights"]
+        assert w["strategy"] == "group" and w["group_size"] == OPTS["group_size"] and w["symmetric"] is False
+    assert ct_format.packs_zero_points(tmp_path / "g") and not ct_format.packs_zero_points(root / "stitched")
+    assert model_format(tmp_path / "g")[0] == "compressed-tensors pack-quantized (zero points packed)"
+
+    from safetensors.torch import load_file
+
+    ours = load_file(str(tmp_path / "g" / "model.safetensors"))
+    for unit, bits in list(units.items())[:6]:
+        name = quantization.linear_prefix(comp.adapter, unit)
+        q = comp.quantized(unit, bits)
+        scheme = QuantizationScheme(
+            targets=[name], weights=ct_format.weight_args(bits, q.group_size, strategy="group")
+        )
+        state = {
+            "weight": q.dequantize(),
+            "weight_scale": q.scale.float(),
+            "weight_zero_point": ct_format.signed(q.zero, bits),
+        }
+        theirs = PackedQuantizationCompressor.compress(state, scheme)
+        rows = q.codes.shape[0]
+        assert ours[f"{name}.weight_zero_point"].shape == (-(-rows * bits // 32), q.scale.shape[1])
+        for key in ("weight_packed", "weight_zero_point"):
+            assert torch.equal(theirs[key], ours[f"{name}.{key}"]), (name, key)
+    # same numbers as the default layout, through evopress's loader
+    ids = torch.randint(0, 257, (2, 16))
+    a, _ = load_model(str(tmp_path / "g"), dtype="float32")
+    b, _ = load_model(str(root / "stitched"), dtype="float32")
+    assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+    # a whole-row group is a channel scheme
+    assert ct_format.weight_args(4, 64, cols=64, strategy="group")["strategy"] == "channel"

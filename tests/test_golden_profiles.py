@@ -55,7 +55,8 @@ METHODS = {
 
 def params_tree() -> dict:
     methods = {
-        m: {**v, "baselines": [], "baseline_tokens": 128, "baseline_seed": 0} for m, v in METHODS.items()
+        m: {**v, "baselines": [], "baseline_tokens": 128, "baseline_seed": 0, "stitch": {}}
+        for m, v in METHODS.items()
     }
     return {
         "model": {"source": "test:tiny", "dtype": "float32"},

@@ -96,6 +96,21 @@ RULES = [
     ("methods.quantization.target", 7.0, "outside the database's range 2..4"),
     ("methods.quantization.database", {"group_size": -1}, "group_size=-1 must be >= 0"),
     ("methods.quantization.options", {"foo": 1}, "unknown quantization options ['foo']"),
+    (
+        "methods.quantization.stitch",
+        {"format": "gguf"},
+        "methods.quantization.stitch: stitch format 'gguf' for method 'quantization'; allowed: compressed-tensors,",
+    ),
+    (
+        "methods.sparsity.stitch",
+        {"fromat": "dense"},
+        "unknown stitch options ['fromat'] for method 'sparsity'",
+    ),
+    (
+        "methods.depth.stitch",
+        {"format": "dense"},
+        "unknown stitch options ['format'] for method 'depth'; allowed: none",
+    ),
     ("compute.batch_size", 0, "compute.batch_size must be >= 1"),
     ("compute.topk", -1, "compute.topk must be >= 0"),
     ("model.dtype", "auto", "model.dtype 'auto'; allowed: float32"),

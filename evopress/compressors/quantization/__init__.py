@@ -333,8 +333,10 @@ def linear_prefix(adapter: ModelAdapter, unit: str) -> str:
 # Formats of a stitched folder. compressed-tensors (default): llm-compressor's pack-quantized layout, which stock
 # transformers loads (evopress/ct_format.py). evopress-packed: our own bit stream (evopress/packing.py), which
 # only evopress loads; kept as an option for its slightly smaller files (no per-linear shape tensors, a shorter
-# safetensors header, and zero points at `bits` bits instead of int8).
-FORMATS = ("compressed-tensors", "evopress-packed")
+# safetensors header, and zero points at `bits` bits instead of int8). compressed-tensors-group: the same
+# numbers with zero points packed along the rows, the layout llm-compressor writes for asymmetric schemes and vLLM's
+# WNA16 reads; transformers 5.x refuses it, `evopress.load_model` loads it (ct_format's docstring).
+FORMATS = ("compressed-tensors", "compressed-tensors-group", "evopress-packed")
 
 
 def write_stitched(model, tokenizer, linears: dict, folder: Path, group_size: int, format: str) -> dict:
@@ -347,7 +349,8 @@ def write_stitched(model, tokenizer, linears: dict, folder: Path, group_size: in
         write_packed(model, tokenizer, linears, folder, group_size)
         quantized = ct_format.tensor_bytes(Path(folder) / QUANT_FILE)
     else:
-        ct_format.write(model, tokenizer, linears, folder)
+        strategy = "group" if format == "compressed-tensors-group" else "block"
+        ct_format.write(model, tokenizer, linears, folder, strategy)
         quantized = ct_format.quantized_bytes(folder)
     sizes = bytes_on_disk(folder)
     return {"total": sizes["total"], "quantized": quantized, "rest": sizes["weights"] - quantized}
