@@ -46,7 +46,7 @@ DTYPE = typer.Option(
 
 @app.command("search")
 def search_cmd(
-    method: str = typer.Option("depth", help="depth | sparsity | quantization"),
+    method: str = typer.Option("depth", help="depth | sparsity | quantization | joint"),
     model: Path = MODEL,
     data: Path = DATA,
     db: Path = DB,
@@ -116,7 +116,7 @@ def search_cmd(
 
 @app.command("baseline")
 def baseline_cmd(
-    method: str = typer.Option("depth", help="depth | sparsity | quantization"),
+    method: str = typer.Option("depth", help="depth | sparsity | quantization | joint"),
     name: str = typer.Option(
         ..., help="baseline name (depth: shortgpt, window, shortened_ppl, sleb, random, uniform)"
     ),

@@ -150,19 +150,26 @@ def write(model, tokenizer, no_ops: list[dict[str, bool]], folder: Path) -> dict
     model.config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    path = folder / "config.json"
+    config = mark_decilm(folder, model.config, no_ops)
+    # tied weights (lm_head = embed_tokens) are one tensor: saved once under its first name, as save_pretrained does
+    tensors = unique_tensors(model)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    return config
+
+
+def mark_decilm(folder: Path, model_config, no_ops: list[dict[str, bool]]) -> dict:
+    """Turn the Llama config.json already in `folder` into the DeciLM layout (keeping whatever else it holds,
+    e.g. a joint stitch's `quantization_config`) and write the config module beside it; returns the config."""
+    path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
     config.update(
         model_type=MODEL_TYPE,
         architectures=[ARCHITECTURE],
-        block_configs=block_configs(model.config, no_ops),
+        block_configs=block_configs(model_config, no_ops),
         auto_map={"AutoConfig": f"{CONFIG_MODULE}.DeciLMConfig"},
     )
     path.write_text(json.dumps(config, indent=2))
-    (folder / f"{CONFIG_MODULE}.py").write_text(CONFIG_SOURCE)
-    # tied weights (lm_head = embed_tokens) are one tensor: saved once under its first name, as save_pretrained does
-    tensors = unique_tensors(model)
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (Path(folder) / f"{CONFIG_MODULE}.py").write_text(CONFIG_SOURCE)
     return config
 
 
@@ -210,8 +217,17 @@ def _pruned_class():
 
 def load(folder: Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = "sdpa"):
     """A transformers Llama model without the removed modules, from a folder in the layout above."""
+    from evopress import ct_format
+
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = _pruned_class().from_pretrained(folder, config=llama_config(folder), dtype=dtype, **kwargs)
+    quantized = ct_format.is_compressed_tensors(folder)  # a joint stitch: DeciLM blocks + packed linears
+    load_dtype = (
+        torch.float32 if quantized else dtype
+    )  # the package dequantizes exactly at float32 (ct_format)
+    model = _pruned_class().from_pretrained(folder, config=llama_config(folder), dtype=load_dtype, **kwargs)
+    if quantized:
+        ct_format.dense_in_place(model)
+        model.to(dtype)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -18,6 +18,7 @@ METHODS: dict[str, tuple[str, str, bool]] = {
     "depth": ("evopress.compressors.depth", "evopress.baselines.depth", False),
     "sparsity": ("evopress.compressors.sparsity", "evopress.baselines.sparsity", True),
     "quantization": ("evopress.compressors.quantization", "evopress.baselines.quantization", True),
+    "joint": ("evopress.compressors.joint", "evopress.baselines.joint", True),
 }
 
 

@@ -59,5 +59,5 @@ def mutation_steps(rng: random.Random, max_steps: int = 3) -> int:
 def mutate(comp: Compressor, profile: Profile, rng: random.Random, max_steps: int = 3) -> Profile:
     child = profile
     for _ in range(mutation_steps(rng, max_steps)):
-        child = level_switch(comp, child, rng)
+        child = comp.mutation_step(child, rng)
     return child

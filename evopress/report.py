@@ -96,6 +96,7 @@ LEVEL_LABELS = {
     "depth": "level (1 = removed)",
     "sparsity": "level (0 = target sparsity, higher = sparser)",
     "quantization": "bits",
+    "joint": "bits (sublayer units: 1 = removed)",
 }
 
 

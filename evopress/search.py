@@ -130,11 +130,8 @@ def initial_parent(comp, ctx, live, config, rng, seeds: dict) -> tuple[Profile, 
         require(name in seeds, f"seed baseline {name!r} was asked for but no profile was given for it")
         # a baseline naming other units or levels is a bug; say so in one line rather than score it
         validate_units(seeds[name], comp)
-        total = comp.total_cost(seeds[name])
-        require(
-            total == comp.total_cost(comp.initial_profile()),
-            f"seed baseline {name!r} is off budget ({total})",
-        )
+        problem = comp.budget_problem(seeds[name])
+        require(problem is None, f"seed baseline {name!r} is off budget: {problem}")
         pool.append(dict(seeds[name]))
         names.append(name)
     rows = ctx.sample(rng, config.initial_tokens)
@@ -172,8 +169,8 @@ def run_search(
         rng = random.Random(config.seed)
         seed_profiles = ((seeds() if callable(seeds) else seeds) or {}) if config.seed_baselines else {}
         parent, fitness, source = initial_parent(comp, ctx, live, config, rng, seed_profiles)
-        total = comp.total_cost(parent)
-        require(comp.total_cost(comp.initial_profile()) == total, f"initial profile is off budget ({total})")
+        problem = comp.budget_problem(parent)
+        require(problem is None, f"initial profile is off budget: {problem}")
         state = {
             "config": config.fingerprint(),
             "compressor": _compressor_id(comp),

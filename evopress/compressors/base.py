@@ -53,6 +53,13 @@ class Compressor(ABC):
     def initial_profile(self) -> Profile:
         """A feasible profile at the budget this compressor was configured for (e.g. uniform)."""
 
+    def mutation_step(self, profile: Profile, rng: random.Random) -> Profile:
+        """One mutation step (the search applies 1-3): a level switch, which keeps the budget exactly. A method
+        whose level steps differ in cost (joint) overrides it with a move and a repair."""
+        from evopress.mutation import level_switch
+
+        return level_switch(self, profile, rng)
+
     def random_profile(self, rng: random.Random) -> Profile:
         """A random feasible profile; the default walks randomly from `initial_profile` by level switches."""
         from evopress.mutation import level_switch
