@@ -36,7 +36,8 @@ COLUMNS = (
     "tokens/s",
     "x dense",
     "ppl delivered",
-    "ppl as searched",
+    "check: delivered",
+    "check: as searched",
     "gap",
     "KL",
 )
@@ -95,6 +96,7 @@ def table(rows: dict) -> str:
             _f(row.get("tokens_per_second"), 0),
             _f(row.get("speed_vs_dense"), 2),
             _f(row.get("heldout_perplexity"), 3),
+            _f(row.get("heldout_perplexity_check"), 3),
             _f(row.get("heldout_perplexity_live"), 3),
             "-" if gap is None else f"{100 * gap:+.3f}%",
             _f(row.get("heldout_kl"), 4),
@@ -130,6 +132,7 @@ def main() -> None:
     rows = json.loads(layout.metrics.read_text())
     compute = next(iter(rows.values()))["compute"]
     first = next(iter(rows.values()))
+    check_rows = next((r["heldout_check_rows"] for r in rows.values() if "heldout_check_rows" in r), "all")
     command = (
         "python benchmarks/artifacts.py"
         + "".join(f" --{k} {v}" for k, v in (("project", args.project), ("params", Path(args.params).name)))
@@ -147,8 +150,9 @@ def main() -> None:
             "",
             "Each row is its stitched folder (the searched profile's is models/<method>; baselines are stitched by "
             "the evaluate stage for their row), loaded with `evopress.load_model`. *ppl delivered*: held-out "
-            "perplexity of that model; *ppl as searched*: the profile applied live to the dense model (the "
-            "stage refuses a gap over 0.5%). *% of dense*: bytes of the whole folder (weights, config, tokenizer) "
+            "perplexity of that model on every held-out row. *check*: the same model (*delivered*) and the profile "
+            f"applied live to the dense model (*as searched*) on the first {check_rows} "
+            "held-out rows, the stage's fidelity check (it refuses a *gap* over 0.5%). *% of dense*: bytes of the whole folder (weights, config, tokenizer) "
             "over the dense folder's. *x dense*: forward tokens/s over the dense model's, median per-round ratio "
             "of 3 rounds timed side by side on one batch of 512 tokens (no cache, logits included).",
             "",

@@ -216,7 +216,8 @@ def _profile_row(
         delivered_check = (
             row[f"{first}_perplexity"] if whole else perplexity(delivered, check, compute.batch_size)
         )
-        row[f"{first}_perplexity_live"] = live_ppl
+        row[f"{first}_perplexity_live"] = live_ppl  # on the check rows, beside the delivered model's there
+        row[f"{first}_perplexity_check"] = delivered_check
         row[f"{first}_check_rows"] = len(check)
         row[f"{first}_live_gap"] = check_delivered(key, folder, delivered_check, live_ppl, tolerance)
         row.update(speed_facts(env["dense"].model, delivered.model, env["speed_ids"]))

@@ -163,6 +163,8 @@ def test_check_rows_compare_live_and_delivered_on_the_same_rows(ws, tmp_path):
     )["depth/shortgpt"]
     assert row["heldout_check_rows"] == 2 and abs(row["heldout_live_gap"]) < 1e-4
     assert abs(row["heldout_perplexity"] / row["heldout_perplexity_live"] - 1) > 1e-3
+    # the row carries both figures of the check, so a table can show them side by side
+    assert row["heldout_perplexity_check"] / row["heldout_perplexity_live"] - 1 == row["heldout_live_gap"]
 
 
 def test_a_tampered_baseline_folder_changes_the_row_and_past_the_tolerance_fails_it(
