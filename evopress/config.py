@@ -137,12 +137,29 @@ class ComputeConfig:
     dtype: str = "auto"  # auto = bfloat16 where native (GPU, AVX512-BF16/AMX CPU), else float32
     batch_size: int = 8
     topk: int = 512  # dense top-K kept for the KL (0 = full vocabulary)
+    # Searches score candidates on `workers` Ray actors (evopress/workers.py) when > 1 or when `ray_address`
+    # names a cluster ("auto": the one `ray start` made here); each actor uses `threads` torch threads (0 = all
+    # of this process's threads split evenly over the workers).
+    workers: int = 1
+    ray_address: str = ""
+    threads: int = 0
 
     def validate(self, key: str = "compute") -> ComputeConfig:
         require(self.dtype in DTYPES, f"{key}.dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         _at_least(f"{key}.batch_size", self.batch_size, 1)
         _at_least(f"{key}.topk", self.topk, 0)
+        _at_least(f"{key}.workers", self.workers, 1)
+        _at_least(f"{key}.threads", self.threads, 0)
         return self
+
+    @property
+    def distributed(self) -> bool:
+        return self.workers > 1 or bool(self.ray_address)
+
+    def threads_per_worker(self) -> int:
+        import torch
+
+        return self.threads or max(1, torch.get_num_threads() // self.workers)
 
 
 @dataclass(frozen=True)

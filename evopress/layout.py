@@ -142,6 +142,7 @@ class Layout:
                 *_SCORING,
                 "evopress/device.py",
                 "evopress/search.py",
+                "evopress/workers.py",
                 f"evopress/baselines/{m}.py",
                 *method,
             ],
@@ -155,6 +156,7 @@ class Layout:
                 "evopress/device.py",
                 "evopress/evaluate.py",
                 "evopress/search.py",  # evopress.stages imports it (evaluate stitches baselines with stages.stitch)
+                "evopress/workers.py",
                 "evopress/zero_shot.py",
                 "evopress/compressors",
             ],

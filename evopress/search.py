@@ -34,7 +34,8 @@ from evopress.errors import UserError, require
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.mutation import mutate
 from evopress.profile import validate_units
-from evopress.scoring import FitnessContext, LiveModel, score_pool, select
+from evopress.scoring import FitnessContext, LiveModel, select
+from evopress.workers import LocalScorer
 
 CHECKPOINT = "checkpoint.json"
 HISTORY = "history.csv"
@@ -117,7 +118,7 @@ def _rng_from(state: list) -> random.Random:
 
 
 # --- the search ----------------------------------------------------------------------------------------------
-def initial_parent(comp, ctx, live, config, rng, seeds: dict) -> tuple[Profile, float | None, str]:
+def initial_parent(comp, ctx, scorer, config, rng, seeds: dict) -> tuple[Profile, float | None, str]:
     """The start: the uniform profile or the best of random ones, competing with any seed profiles."""
     if config.init == "uniform":
         pool, names = [comp.initial_profile()], ["uniform"]
@@ -135,7 +136,7 @@ def initial_parent(comp, ctx, live, config, rng, seeds: dict) -> tuple[Profile, 
         pool.append(dict(seeds[name]))
         names.append(name)
     rows = ctx.sample(rng, config.initial_tokens)
-    scores = score_pool(ctx, live, pool, rows, None)
+    scores = scorer.score(pool, rows, None)
     best = select(pool, scores, 1)[0]
     return pool[best], scores[best], names[best]
 
@@ -155,20 +156,23 @@ def run_search(
     out_dir: Path | None = None,
     on_generation: Callable[[GenerationInfo], None] | None = None,
     seeds: dict[str, Profile] | Callable[[], dict[str, Profile]] | None = None,
+    scorer=None,
 ) -> SearchResult:
     """Run (or resume, when `out_dir` holds a checkpoint) the search; leaves the live model at the result.
 
     `seeds` maps each name in `config.seed_baselines` to its profile, or is a function making that map (called
-    only when a fresh search starts, so a resumed one skips computing the baselines).
+    only when a fresh search starts, so a resumed one skips computing the baselines). `scorer` scores each
+    selection step's pool (evopress/workers.py: Ray actors); by default this process's live model does.
     """
     config = config.for_method(comp.method).validate(calibration_tokens=ctx.total_tokens)
     out_dir = Path(out_dir) if out_dir is not None else None
     live = LiveModel(comp)
+    scorer = scorer or LocalScorer(ctx, live)
     state = _load_checkpoint(out_dir, config, comp) if out_dir else None
     if state is None:
         rng = random.Random(config.seed)
         seed_profiles = ((seeds() if callable(seeds) else seeds) or {}) if config.seed_baselines else {}
-        parent, fitness, source = initial_parent(comp, ctx, live, config, rng, seed_profiles)
+        parent, fitness, source = initial_parent(comp, ctx, scorer, config, rng, seed_profiles)
         problem = comp.budget_problem(parent)
         require(problem is None, f"initial profile is off budget: {problem}")
         state = {
@@ -206,7 +210,7 @@ def run_search(
                 if last and known is None:
                     pool = pool + [parent]
                 reuse = parent if (step == 0 and config.prefix_reuse) else None
-                scores = score_pool(ctx, live, pool, rows, reuse)
+                scores = scorer.score(pool, rows, reuse)
                 tokens += len(pool) * len(rows) * ctx.seq_len
                 if known is not None:
                     pool, scores = pool + [parent], scores + [known]

@@ -125,7 +125,28 @@ def search(
             for n in config.seed_baselines
         }
 
-    result = run_search(comp, ctx, config, out, on_generation=on_generation, seeds=seeds)
+    scorer = None
+    if compute.distributed:
+        from evopress.device import resolve_dtype
+        from evopress.workers import RayScorer, WorkerSpec
+
+        spec = WorkerSpec(
+            method,
+            str(model_dir),
+            str(database_of(method, db) or "") or None,
+            target,
+            options,
+            resolve_dtype(compute.dtype),
+            calibration,
+            compute.batch_size,
+            compute.threads_per_worker(),
+        )
+        scorer = RayScorer(spec, ctx.ref, compute.workers, compute.ray_address)
+    try:
+        result = run_search(comp, ctx, config, out, on_generation=on_generation, seeds=seeds, scorer=scorer)
+    finally:
+        if scorer is not None:
+            scorer.close()
     profile = make_profile(
         comp,
         result.profile,
