@@ -73,6 +73,25 @@ def prepare(params, layout, log) -> dict[str, float]:
     return seconds
 
 
+def database_table(params, layout) -> list[str]:
+    """Bytes on disk per parameter of each level database of the project, per level, as built (compact)."""
+    from level_databases import bytes_per_param
+
+    from evopress.database import LevelDatabase
+    from evopress.methods import needs_database
+
+    lines = ["| method | database | encoding | level: bytes per parameter |", "| --- | --- | --- | --- |"]
+    for m in params.methods:
+        if not needs_database(m) or not (layout.db(m) / "manifest.json").is_file():
+            continue
+        db = LevelDatabase.open(layout.db(m))
+        per_level = ", ".join(f"{lvl}: {b:.3f}" for lvl, b in bytes_per_param(db).items())
+        lines.append(
+            f"| {m} | {db.size_on_disk() / 1e6:.1f} MB, {len(db.pairs())} files | {db.encoding} | {per_level} |"
+        )
+    return lines
+
+
 def _mb(n) -> str:
     return "-" if n is None else f"{n / 1e6:.1f}"
 
@@ -113,6 +132,11 @@ def main() -> None:
     ap.add_argument("--params", default=str(REPO / "params-smoke.yaml"))
     ap.add_argument("--methods", nargs="*", help="only these methods of the params (default: all)")
     ap.add_argument("--out", default=str(RESULTS / "artifacts.md"))
+    ap.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="write the tables from the project's last evaluation, run nothing",
+    )
     args = ap.parse_args()
 
     from evopress import params as P
@@ -125,10 +149,15 @@ def main() -> None:
     layout = Layout(Path(args.project))
     Path(args.project).mkdir(parents=True, exist_ok=True)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    seconds = prepare(params, layout, log)
-    t0 = time.perf_counter()
-    run_stage("evaluate", params, layout, None, log=log)
-    seconds["evaluate"] = round(time.perf_counter() - t0, 1)
+    seconds = {}
+    previous = Path(args.out).with_suffix(".json")
+    if args.tables_only and previous.is_file():  # the stage times of the run that made the metrics
+        seconds = json.loads(previous.read_text()).get("seconds", {})
+    if not args.tables_only:
+        seconds = prepare(params, layout, log)
+        t0 = time.perf_counter()
+        run_stage("evaluate", params, layout, None, log=log)
+        seconds["evaluate"] = round(time.perf_counter() - t0, 1)
     rows = json.loads(layout.metrics.read_text())
     compute = next(iter(rows.values()))["compute"]
     first = next(iter(rows.values()))
@@ -157,6 +186,11 @@ def main() -> None:
             "of 3 rounds timed side by side on one batch of 512 tokens (no cache, logits included).",
             "",
             table(rows),
+            "Level databases of the project (compact files, evopress/level_codecs.py; plain vs compact on the "
+            "default model's full databases: benchmarks/results/level_databases.md):",
+            "",
+            *database_table(params, layout),
+            "",
             f"Stage seconds (this run): {json.dumps(seconds)}",
             "",
         ]
