@@ -11,6 +11,7 @@ import torch
 
 from conftest import tiny_llama
 from evopress import search as search_module
+from evopress import workers as workers_module
 from evopress.adapter import ModelAdapter
 from evopress.compressors.depth import make
 from evopress.config import SearchConfig
@@ -29,14 +30,14 @@ def setup():
 def test_parent_joins_only_the_last_step_on_the_childrens_rows(setup, monkeypatch):
     adapter, ctx = setup
     calls = []
-    real = search_module.score_pool
+    real = workers_module.score_pool  # the search scores through LocalScorer (evopress/workers.py)
 
     def recording(ctx_, live, pool, rows, parent):
         scores = real(ctx_, live, pool, rows, parent)
         calls.append({"pool": [dict(p) for p in pool], "rows": rows.tolist(), "scores": scores})
         return scores
 
-    monkeypatch.setattr(search_module, "score_pool", recording)
+    monkeypatch.setattr(workers_module, "score_pool", recording)
     comp = make(adapter, 2, options={"granularity": "block"})
     config = SearchConfig(
         generations=3,
@@ -89,13 +90,13 @@ def test_last_step_all_scores_every_row_and_the_parent_once(setup, monkeypatch):
     score it won with instead of being scored again; each generation's fitness is the parent's exact KL."""
     adapter, ctx = setup
     calls = []
-    real = search_module.score_pool
+    real = workers_module.score_pool  # the search scores through LocalScorer (evopress/workers.py)
 
     def recording(ctx_, live, pool, rows, parent):
         calls.append({"pool": [dict(p) for p in pool], "rows": rows.tolist()})
         return real(ctx_, live, pool, rows, parent)
 
-    monkeypatch.setattr(search_module, "score_pool", recording)
+    monkeypatch.setattr(workers_module, "score_pool", recording)
     comp = make(adapter, 2, options={"granularity": "sublayer"})
     config = SearchConfig(
         generations=5,
