@@ -264,20 +264,28 @@ def _scheme_of(module: str, groups: dict):
     return QuantizationScheme.model_validate((named or list(groups.values()))[0])
 
 
+def split_compressed(path: Path, suffixes: tuple[str, ...]) -> tuple[dict, dict[str, dict]]:
+    """A compressed-tensors weights file as (plain tensors by name, {module: {suffix: tensor}} of the compressed
+    ones): what both dense readers (quantized here, sparse in sparse_format) start from."""
+    from safetensors.torch import load_file
+
+    state, fields = {}, {}
+    for key, tensor in load_file(str(path)).items():
+        module, _, suffix = key.rpartition(".")
+        if suffix in suffixes:
+            fields.setdefault(module, {})[suffix] = tensor
+        else:
+            state[key] = tensor
+    return state, fields
+
+
 def dense_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """The folder's tensors with every quantized linear decompressed under its `.weight` name, float32 scales
     (where the package's dequantization of our float16 scales is exact), by the package's own decompress."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from safetensors.torch import load_file
 
     groups = ((read_config_json(folder) or {}).get("quantization_config") or {}).get("config_groups") or {}
-    state, fields = {}, {}
-    for key, tensor in load_file(str(Path(folder) / WEIGHTS_FILE)).items():
-        module, _, suffix = key.rpartition(".")
-        if suffix in QUANT_SUFFIXES:
-            fields.setdefault(module, {})[suffix] = tensor
-        else:
-            state[key] = tensor
+    state, fields = split_compressed(Path(folder) / WEIGHTS_FILE, QUANT_SUFFIXES)
     for module, parts in fields.items():
         parts["weight_scale"] = parts["weight_scale"].float()
         out = PackedQuantizationCompressor.decompress(parts, _scheme_of(module, groups))

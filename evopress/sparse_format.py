@@ -125,17 +125,9 @@ def sparse_bytes(folder: Path) -> int:
 
 def dense_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """The folder's tensors with every sparse weight decompressed under its `.weight` name."""
-    from safetensors.torch import load_file
+    from evopress.ct_format import split_compressed
 
-    raw = load_file(str(Path(folder) / WEIGHTS_FILE))
-    fields: dict[str, dict[str, torch.Tensor]] = {}
-    state = {}
-    for key, tensor in raw.items():
-        module, _, suffix = key.rpartition(".")
-        if suffix in SUFFIXES:
-            fields.setdefault(module, {})[suffix] = tensor
-        else:
-            state[key] = tensor
+    state, fields = split_compressed(Path(folder) / WEIGHTS_FILE, SUFFIXES)
     for module, parts in fields.items():
         require(set(parts) == set(SUFFIXES), f"{folder}: {module} lacks {sorted(set(SUFFIXES) - set(parts))}")
         state[f"{module}.weight"] = decompress(parts)

@@ -83,6 +83,12 @@ def test_round_trip_gives_our_weights_exactly(tmp_path):
     assert not hasattr(dense.config, "quantization_config")
 
 
+def write_profile(path, units: dict) -> None:
+    """A quantization profile file at TARGET holding `units`, for the stitch stage."""
+    doc = {"method": "quantization", "target": TARGET, "options": {}, "units": units, "model_sha256": None}
+    path.write_text(json.dumps(doc))
+
+
 @pytest.fixture(scope="module")
 def stitched(tmp_path_factory):
     """A GPTQ database at 2..8 bits and a mixed profile (2, 3, 4, 5, 8 bits) stitched in the default format."""
@@ -177,14 +183,7 @@ def test_stitch_format_option(stitched, tmp_path):
     from evopress.stages import stitch
 
     root, comp, units, ct_report = stitched
-    profile = {
-        "method": "quantization",
-        "target": TARGET,
-        "options": {},
-        "units": units,
-        "model_sha256": None,
-    }
-    (tmp_path / "p.json").write_text(json.dumps(profile))
+    write_profile(tmp_path / "p.json", units)
     args = ("quantization", root / "model", tmp_path / "p.json", root / "db")
     report = stitch(*args, tmp_path / "packed", {"format": "evopress-packed"})
     assert is_packed(tmp_path / "packed") and report["format"] == "evopress-packed"
@@ -220,14 +219,7 @@ def test_group_layout_is_what_the_package_writes_and_loads_back_exactly(stitched
     from evopress.stages import stitch
 
     root, comp, units, ct_report = stitched
-    profile = {
-        "method": "quantization",
-        "target": TARGET,
-        "options": {},
-        "units": units,
-        "model_sha256": None,
-    }
-    (tmp_path / "p.json").write_text(json.dumps(profile))
+    write_profile(tmp_path / "p.json", units)
     report = stitch(
         "quantization",
         root / "model",
