@@ -159,6 +159,11 @@ class ModelAdapter:
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (token ids are moved there; results come back where the caller keeps them)."""
+        return self.head.weight.device
+
     # --- sublayers -------------------------------------------------------------------------------------------
     def _attr(self, kind: str) -> str:
         require(
@@ -228,7 +233,7 @@ class ModelAdapter:
         receives, or, where blocks differ by attention type, a `TypedBlockKwargs`. Both go to `run_blocks`."""
         block_types = self.block_types()
         firsts = first_block_of_each_type(block_types)
-        hidden, captured = self._capture(input_ids, sorted(firsts.values()))
+        hidden, captured = self._capture(input_ids.to(self.device), sorted(firsts.values()))
         if len(firsts) == 1:
             return hidden, captured[0]
         return hidden, TypedBlockKwargs({t: captured[i] for t, i in firsts.items()}, block_types)

@@ -11,3 +11,12 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode=None,  # help texts hold source syntax like hf:<ds>[/<cfg>], not markup
 )
+
+# Ray workers (evopress/workers.py, evopress/build_pool.py), shared by build-db and search
+WORKERS = typer.Option(
+    1, help="Ray workers (> 1: a local Ray cluster, one worker per slot of --threads CPUs)"
+)
+THREADS = typer.Option(0, help="torch threads per worker (0 = this process's threads split over the workers)")
+RAY_ADDRESS = typer.Option(
+    "", help="an existing Ray cluster to run the workers on (auto = the one on this host)"
+)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from evopress.cli_app import app
+from evopress.cli_app import RAY_ADDRESS, THREADS, WORKERS, app
 from evopress.config import ComputeConfig, SearchConfig, parse_int_list, parse_option_pairs, parse_token_steps
 from evopress.layout import METRICS
 from evopress.layout import MODEL as MODEL_DIR
@@ -75,6 +75,9 @@ def search_cmd(
     out: Path = typer.Option(
         Path("runs/search"), help="folder for profile.json, history.csv, checkpoint.json"
     ),
+    workers: int = WORKERS,
+    threads: int = THREADS,
+    ray_address: str = RAY_ADDRESS,
 ) -> None:
     """Search a profile at the target budget; re-running with the same --out resumes."""
     from evopress.stages import search
@@ -91,7 +94,14 @@ def search_cmd(
         seed_baselines=tuple(n.strip() for n in seed_baselines.split(",") if n.strip()),
         prefix_reuse=prefix_reuse,
     ).validate("search")
-    compute = ComputeConfig(dtype=dtype, batch_size=batch_size, topk=topk).validate("compute")
+    compute = ComputeConfig(
+        dtype=dtype,
+        batch_size=batch_size,
+        topk=topk,
+        workers=workers,
+        threads=threads,
+        ray_address=ray_address,
+    ).validate("compute")
     options = parse_option_pairs(option)
     summary = search(
         method,

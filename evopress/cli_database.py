@@ -1,7 +1,7 @@
 """`evopress build-db` and `evopress stitch`: dispatch by method to evopress/compressors/<method>.py.
 
   evopress build-db --method sparsity --model data/model --data data/text --out data/db/sparsity \\
-      --option target=0.5 [--option num_levels=4 ...]
+      --option target=0.5 [--option num_levels=4 ...] [--workers 2 --threads 1: levels on Ray workers]
   evopress stitch --method sparsity --model data/model --profile P.json --db data/db/sparsity --out DIR
   evopress stitch --method quantization ... --option format=evopress-packed   (default: compressed-tensors)
   evopress recode-db data/db/quantization data/db/quantization-compact   (an old plain database made compact)
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from evopress.cli_app import app
+from evopress.cli_app import RAY_ADDRESS, THREADS, WORKERS, app
 from evopress.config import parse_option_pairs
 from evopress.layout import MODEL as MODEL_DIR
 from evopress.layout import TEXT as TEXT_DIR
@@ -27,12 +27,17 @@ def build_db_cmd(
     data: Path = typer.Option(Path(TEXT_DIR), help="prepared token sets (calibration is used)"),
     out: Path = typer.Option(..., help="database folder (resumes when it holds a matching manifest)"),
     option: list[str] = typer.Option([], help="method option key=value (repeatable), e.g. target=0.5"),
+    workers: int = WORKERS,
+    threads: int = THREADS,
+    ray_address: str = RAY_ADDRESS,
 ) -> None:
     """Build (or resume, or repair) a method's level database: one file per (unit, level) + manifest."""
+    from evopress.config import ComputeConfig
     from evopress.errors import require
     from evopress.methods import needs_database
     from evopress.stages import build_db
 
+    compute = ComputeConfig(workers=workers, threads=threads, ray_address=ray_address).validate("compute")
     require(needs_database(method), f"method {method!r} needs no level database")
     settings = parse_option_pairs(option)
     target = settings.pop("target", None)
@@ -42,7 +47,7 @@ def build_db_cmd(
     )
     start = time.perf_counter()
     # no target for quantization: its levels do not depend on one (a stand-in 3.0 would refuse a 4,8-bit grid)
-    db = build_db(method, model, data, out, target, settings)
+    db = build_db(method, model, data, out, target, settings, compute)
     typer.echo(
         f"database {out}: {len(db.pairs())} files, {db.size_on_disk() / 1e6:.1f} MB, "
         f"complete={db.manifest['complete']}, {time.perf_counter() - start:.1f} s"

@@ -125,6 +125,16 @@ def parse_token_steps(text: str, name: str = "--tokens") -> tuple[int | str, ...
         raise  # unreachable: require raised
 
 
+DEVICES = ("auto", "cpu", "cuda", "cuda:<n>")
+
+
+def check_device(name: str, key: str = "compute.device") -> str:
+    """A device setting's form (availability is checked where it is used: `resolve_device`)."""
+    ok = name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit())
+    require(ok, f"{key} {name!r}; allowed: {', '.join(DEVICES)}")
+    return name
+
+
 def _at_least(key: str, value: int, low: int) -> None:
     require(value >= low, f"{key} must be >= {low}, got {value}")
 
@@ -143,6 +153,9 @@ class ComputeConfig:
     workers: int = 1
     ray_address: str = ""
     threads: int = 0
+    # Where the model runs: auto = the first CUDA device where torch sees one, else the CPU. Database builds run
+    # on the CPU in float32 whatever this says.
+    device: str = "auto"
 
     def validate(self, key: str = "compute") -> ComputeConfig:
         require(self.dtype in DTYPES, f"{key}.dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
@@ -150,6 +163,7 @@ class ComputeConfig:
         _at_least(f"{key}.topk", self.topk, 0)
         _at_least(f"{key}.workers", self.workers, 1)
         _at_least(f"{key}.threads", self.threads, 0)
+        check_device(self.device, f"{key}.device")
         return self
 
     @property

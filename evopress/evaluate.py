@@ -261,7 +261,7 @@ def evaluate_candidates(
     compared on the first `check_rows` rows of the first set (None: all of them; then `<set>_perplexity_live` is
     the profile-as-searched figure of the whole set)."""
     from evopress.data import load_tokens
-    from evopress.device import describe
+    from evopress.device import describe, resolve_device
     from evopress.models import load_adapter
     from evopress.profile import model_sha256
 
@@ -270,7 +270,7 @@ def evaluate_candidates(
     sha = model_sha256(model_dir)
 
     def load(folder: Path | None = None) -> ModelAdapter:
-        return load_adapter(Path(folder or model_dir), compute.dtype)
+        return load_adapter(Path(folder or model_dir), compute.dtype, resolve_device(compute.device))
 
     tasks = _task_runner(model_dir, lm_eval)  # unknown task names fail here, before any forward pass
     dense = load()
@@ -281,7 +281,7 @@ def evaluate_candidates(
     if kl and any(c.profile is not None for c in candidates):
         topk = compute.topk or None
         refs = {n: DenseReference.build(dense, t, topk, compute.batch_size) for n, t in tokens.items()}
-    facts = {"model_sha256": sha, "compute": describe(compute.dtype)}
+    facts = {"model_sha256": sha, "compute": describe(compute.dtype, compute.device)}
     dense_facts = _folder_facts(model_dir, None)
     env = {
         "load": load,

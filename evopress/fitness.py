@@ -39,12 +39,12 @@ class DenseReference:
             hidden = final_hidden(adapter, tokens[rows])
             for chunk in _token_chunks(hidden):
                 logp = torch.log_softmax(adapter.logits(chunk).float(), dim=-1)
-                if topk is None:
-                    logps.append(logp)
+                if topk is None:  # the reference stays in host memory, whatever device the model is on
+                    logps.append(logp.cpu())
                 else:
                     top = logp.topk(min(topk, logp.shape[-1]), dim=-1)
-                    logps.append(top.values)
-                    idxs.append(top.indices.to(torch.int32))
+                    logps.append(top.values.cpu())
+                    idxs.append(top.indices.to(torch.int32).cpu())
         n, seq_len = tokens.shape
         logp = torch.cat(logps).view(n, seq_len, -1)
         index = torch.cat(idxs).view(n, seq_len, -1) if idxs else None
@@ -84,9 +84,10 @@ def token_kl_topk(logits: torch.Tensor, ref_logp: torch.Tensor, ref_index: torch
 
 def _chunk_kl(logits, logp, index, start: int, end: int) -> torch.Tensor:
     """Per-token KL of a chunk of logits against reference rows start:end (flattened [tokens, K or V])."""
+    device = logits.device  # the reference rows are in host memory: each chunk's go where the logits are
     if index is None:
-        return token_kl_full(logits, logp[start:end])
-    return token_kl_topk(logits, logp[start:end], index[start:end])
+        return token_kl_full(logits, logp[start:end].to(device))
+    return token_kl_topk(logits, logp[start:end].to(device), index[start:end].to(device))
 
 
 @torch.no_grad()
@@ -98,7 +99,7 @@ def kl_of_hidden(adapter: ModelAdapter, hidden: torch.Tensor, ref: DenseReferenc
     start = 0
     for chunk in _token_chunks(hidden):
         end = start + len(chunk)
-        total += _chunk_kl(adapter.logits(chunk), logp, index, start, end).double().sum()
+        total += _chunk_kl(adapter.logits(chunk), logp, index, start, end).double().sum().cpu()
         start = end
     return total
 
@@ -126,12 +127,14 @@ def perplexity(adapter: ModelAdapter, tokens: torch.Tensor, batch_size: int = 8)
     count = 0
     for batch in tokens.split(batch_size):
         hidden = final_hidden(adapter, batch)[:, :-1]
-        targets = batch[:, 1:].reshape(-1)
+        targets = batch[:, 1:].reshape(-1).to(hidden.device)
         start = 0
         for chunk in _token_chunks(hidden):
             end = start + len(chunk)
             logits = adapter.logits(chunk).float()
-            nll += torch.nn.functional.cross_entropy(logits, targets[start:end], reduction="sum").double()
+            nll += (
+                torch.nn.functional.cross_entropy(logits, targets[start:end], reduction="sum").double().cpu()
+            )
             start = end
         count += targets.numel()
     return float(torch.exp(nll / count))
@@ -149,7 +152,7 @@ def perplexity_and_kl(
         batch = tokens[rows]
         hidden = final_hidden(adapter, batch)
         # Row-major flattening: the last position of each row has no next token to predict.
-        targets = torch.nn.functional.pad(batch[:, 1:], (0, 1), value=-100).reshape(-1)
+        targets = torch.nn.functional.pad(batch[:, 1:], (0, 1), value=-100).reshape(-1).to(hidden.device)
         r = ref.rows(rows)
         logp = r.logp.reshape(-1, r.logp.shape[-1])
         index = None if r.index is None else r.index.reshape(-1, r.index.shape[-1])
@@ -160,8 +163,8 @@ def perplexity_and_kl(
             loss = torch.nn.functional.cross_entropy(
                 logits, targets[start:end], ignore_index=-100, reduction="sum"
             )
-            nll += loss.double()
-            kl += _chunk_kl(logits, logp, index, start, end).double().sum()
+            nll += loss.double().cpu()
+            kl += _chunk_kl(logits, logp, index, start, end).double().sum().cpu()
             start = end
         predicted += batch[:, 1:].numel()
     return float(torch.exp(nll / predicted)), float(kl / tokens.numel())

@@ -61,6 +61,8 @@ _COMPRESSOR = [
     "evopress/compressors/__init__.py",
     "evopress/compressors/base.py",
     "evopress/compressors/linears.py",
+    "evopress/build_pool.py",  # linears.build_by_block runs on its pools
+    "evopress/ray_cluster.py",
     "evopress/hessians.py",
     "evopress/mutation.py",
     "evopress/profile.py",
@@ -146,7 +148,14 @@ class Layout:
                 f"evopress/baselines/{m}.py",
                 *method,
             ],
-            "baselines": [*_COMMON, *_COMPRESSOR, *_SCORING, f"evopress/baselines/{m}.py", *method],
+            "baselines": [
+                *_COMMON,
+                *_COMPRESSOR,
+                *_SCORING,
+                "evopress/device.py",
+                f"evopress/baselines/{m}.py",
+                *method,
+            ],
             "stitch": [*_COMMON, *_COMPRESSOR, *method],
             "evaluate": [
                 *_COMMON,

@@ -326,10 +326,11 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def load_adapter(model_dir: Path, dtype: str):
-    """A prepared model folder (checked) loaded in `dtype`, wrapped for block-by-block work."""
+def load_adapter(model_dir: Path, dtype: str, device: str = "cpu"):
+    """A prepared model folder (checked) loaded in `dtype` on `device` (resolved: evopress.device.resolve_device),
+    wrapped for block-by-block work."""
     from evopress.adapter import ModelAdapter
 
     verify_model(model_dir)
     model, _ = load_model(str(model_dir), dtype=dtype)
-    return ModelAdapter(model)
+    return ModelAdapter(model.to(device))

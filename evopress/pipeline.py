@@ -105,11 +105,11 @@ def _compute_tags(summary: dict) -> dict[str, str]:
     return {f"compute.{k}": str(v) for k, v in (summary or {}).items()}
 
 
-def _ran_in(dtype: str) -> dict[str, str]:
-    """compute.* tags of a stage that ran its forward passes in `dtype` (resolved here when 'auto')."""
+def _ran_in(dtype: str, device: str = "cpu") -> dict[str, str]:
+    """compute.* tags of a stage that ran its forward passes in `dtype` on `device` (resolved here when 'auto')."""
     from evopress.device import describe
 
-    return _compute_tags(describe(dtype))
+    return _compute_tags(describe(dtype, device))
 
 
 # --- the stages on params + layout -------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def build_db(p: Params, layout: Layout, m: str, log) -> StageResult:
     mp, out = p.methods[m], layout.db(m)
     settings = {"target": mp.target, **mp.database, "code_sha256": code_sha256(layout, "build_db", m)}
     fresh_unless_same(layout.stamp(out), out, settings, log)
-    db = stages.build_db(m, layout.model, layout.text, out, mp.target, mp.database)
+    db = stages.build_db(m, layout.model, layout.text, out, mp.target, mp.database, p.compute)
     if db is None:
         return StageResult()
     db.manifest["code_sha256"] = settings["code_sha256"]
@@ -196,7 +196,7 @@ def baselines(p: Params, layout: Layout, m: str, log) -> StageResult:
     atomic_write_json(
         out / "index.json", {"method": m, "baselines": mp.baselines}
     )  # the out exists when empty
-    result = StageResult(tags=_ran_in(p.compute.dtype))
+    result = StageResult(tags=_ran_in(p.compute.dtype, p.compute.device))
     for name in mp.baselines:
         t0 = time.perf_counter()
         profile = stages.baseline(

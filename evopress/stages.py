@@ -62,10 +62,20 @@ def prepare_data(model_dir: Path, spec: DataSpec, out: Path) -> dict:
     return prepare(spec, tokenizer, Path(out), max_context=max_context)
 
 
-def build_db(method: str, model_dir: Path, text_dir: Path, out: Path, target: float | None, database: dict):
+def build_db(
+    method: str,
+    model_dir: Path,
+    text_dir: Path,
+    out: Path,
+    target: float | None,
+    database: dict,
+    compute: ComputeConfig | None = None,
+):
     """Build (or resume) a method's level database; a method without one gets a one-file marker.
 
-    `target` matters only where the levels depend on it (sparsity); None skips it for the others."""
+    `target` matters only where the levels depend on it (sparsity); None skips it for the others. With
+    `compute.workers` > 1 (or a Ray address) the levels are computed on Ray workers (evopress/build_pool.py);
+    the files are the same either way."""
     from evopress.methods import check_settings, method_function, needs_database
     from evopress.models import verify_model
 
@@ -79,8 +89,15 @@ def build_db(method: str, model_dir: Path, text_dir: Path, out: Path, target: fl
         )
         return None
     verify_model(model_dir)
+    from evopress.build_pool import make_pool
+
     target_option = {} if target is None else {"target": target}
-    return method_function(method, "build_database")(model_dir, text_dir, out, {**target_option, **database})
+    pool = make_pool(compute)
+    try:
+        build = method_function(method, "build_database")
+        return build(model_dir, text_dir, out, {**target_option, **database}, pool=pool)
+    finally:
+        pool.close()
 
 
 def search(
@@ -100,7 +117,7 @@ def search(
     import json
 
     from evopress.data import load_tokens
-    from evopress.device import describe
+    from evopress.device import describe, resolve_device
     from evopress.methods import check_settings, get_baseline, make_compressor
     from evopress.profile import make_profile, model_sha256, save_profile, write_layers_csv
     from evopress.scoring import FitnessContext
@@ -115,7 +132,7 @@ def search(
         get_baseline(method, name)  # an unknown name fails before the model loads
     calibration = load_tokens(text_dir, "calibration")
     config.validate("search", calibration.numel())
-    adapter = load_adapter(model_dir, compute.dtype)
+    adapter = load_adapter(model_dir, compute.dtype, resolve_device(compute.device))
     comp = make_compressor(method, adapter, target, db=database_of(method, db), options=options)
     ctx = FitnessContext.build(adapter, calibration, topk=compute.topk or None, batch_size=compute.batch_size)
 
@@ -140,6 +157,7 @@ def search(
             calibration,
             compute.batch_size,
             compute.threads_per_worker(),
+            resolve_device(compute.device),
         )
         scorer = RayScorer(spec, ctx.ref, compute.workers, compute.ray_address)
     try:
@@ -166,7 +184,7 @@ def search(
         "tokens": state["tokens"],
         "budget": profile["budget"],
         "database_sha256": database_sha256(method, db),
-        "compute": describe(compute.dtype),
+        "compute": describe(compute.dtype, compute.device),
     }
     atomic_write_json(out / "search.json", summary)
     write_layers_csv(out / "profile.json", out / "layers.csv")
@@ -188,6 +206,7 @@ def baseline(
 ) -> dict:
     """A baseline's profile at the target, in the same format as a searched one; returns the profile file."""
     from evopress.data import load_tokens
+    from evopress.device import resolve_device
     from evopress.methods import check_settings, get_baseline, make_compressor
     from evopress.profile import make_profile, model_sha256, save_profile
     from evopress.scoring import FitnessContext
@@ -201,7 +220,7 @@ def baseline(
         1 <= tokens <= calibration.numel(),
         f"baseline tokens {tokens} is outside 1..{calibration.numel()} (the calibration set's size)",
     )
-    adapter = load_adapter(model_dir, compute.dtype)
+    adapter = load_adapter(model_dir, compute.dtype, resolve_device(compute.device))
     comp = make_compressor(method, adapter, target, db=database_of(method, db), options=options)
     # Only the rows the baseline scores need a dense reference.
     rows = calibration[: math.ceil(tokens / calibration.shape[1])]

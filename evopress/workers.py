@@ -15,8 +15,10 @@ nothing is lost, and the scores are the same.
     compute: {workers: 2}                       # local Ray, one actor per worker
     compute: {workers: 4, ray_address: auto}    # an existing cluster (`ray start --head` on the head node)
 
-Each actor asks Ray for `threads` CPUs and sets torch to that many threads; its forward passes run where the
-driver's do (models are loaded as `evopress.models.load_model` loads them), so the scores are the driver's.
+Each actor asks Ray for `threads` CPUs and sets torch to that many threads; on a GPU run (`compute.device`), it
+also asks for one GPU where the cluster has one per actor, else an equal share of them (two actors on one GPU:
+0.5 each). Its forward passes run as the driver's do (the same dtype, the same kind of device), so the scores
+are the driver's.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 from evopress.compressors.base import Profile
 from evopress.errors import require
+from evopress.ray_cluster import start_ray
 from evopress.scoring import FitnessContext, LiveModel, score_pool
 
 
@@ -44,6 +47,16 @@ class WorkerSpec:
     tokens: torch.Tensor  # calibration rows [n, seq_len]
     batch_size: int
     threads: int
+    device: str = "cpu"  # resolved: "cpu", or "cuda..." (each actor then runs on the GPU share Ray gives it)
+
+
+def gpus_per_actor(ray, spec: WorkerSpec, workers: int) -> float:
+    """0 on the CPU; on GPUs one each where the cluster has enough, else an equal share (several actors on one)."""
+    if not spec.device.startswith("cuda"):
+        return 0
+    gpus = ray.cluster_resources().get("GPU", 0)
+    require(gpus > 0, f"compute.device is {spec.device!r}, but the Ray cluster has no GPU")
+    return min(1.0, gpus / workers)
 
 
 class LocalScorer:
@@ -67,7 +80,8 @@ def _build(spec: WorkerSpec, ref) -> tuple[FitnessContext, LiveModel]:
 
     torch.set_num_threads(spec.threads)
     model, _ = load_model(spec.model_dir, dtype=spec.dtype)
-    adapter = ModelAdapter(model)
+    # Ray makes the actor's GPU share visible as device 0 (CUDA_VISIBLE_DEVICES), whatever the driver's index
+    adapter = ModelAdapter(model.to("cuda" if spec.device.startswith("cuda") else "cpu"))
     comp = make_compressor(
         spec.method, adapter, spec.target, db=Path(spec.db) if spec.db else None, options=spec.options
     )
@@ -93,20 +107,13 @@ class RayScorer:
     """Scores on `workers` Ray actors; replaces an actor that dies and scores its share again."""
 
     def __init__(self, spec: WorkerSpec, ref, workers: int, address: str = "", max_restarts: int = 3):
-        try:
-            import ray
-        except ImportError as err:  # an optional dependency: say how to get it
-            raise ImportError("compute.workers > 1 needs Ray: pip install 'evopress[scale-out]'") from err
         require(workers >= 1, f"compute.workers={workers} must be >= 1")
-        self.ray = ray
-        if not ray.is_initialized():
-            if address:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
-            else:  # a local cluster sized for the actors
-                ray.init(num_cpus=workers * spec.threads, include_dashboard=False, log_to_driver=False)
+        self.ray = ray = start_ray(workers, spec.threads, address)
         self.spec = spec
         self.spec_ref, self.ref = ray.put(spec), ray.put(ref)
-        self.actor_class = ray.remote(num_cpus=spec.threads)(_Worker)
+        self.actor_class = ray.remote(num_cpus=spec.threads, num_gpus=gpus_per_actor(ray, spec, workers))(
+            _Worker
+        )
         self.actors = [self._start() for _ in range(workers)]
         self.max_restarts = max_restarts
         self.restarts = 0

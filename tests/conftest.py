@@ -185,3 +185,38 @@ def run_cli(monkeypatch, capsys, *args):
         cli.main()
     out = capsys.readouterr()
     return exit_info.value.code, out.out, out.err
+
+
+# --- a tiny quantization workspace and a short search on it (the Ray and CUDA tests) ------------------------------
+def prepare_quantized_workspace(root):
+    """`prepare_tiny_workspace` plus a GPTQ database (bits 2..4, group 32) at `root / "db"`; returns `root`."""
+    from evopress.compressors import quantization
+
+    prepare_tiny_workspace(root)
+    options = {"bits": "2,3,4", "group_size": 32, "n_samples": 8, "batch_size": 4}
+    quantization.build_database(root / "model", root / "text", root / "db", options)
+    return root
+
+
+def short_quantized_search(root, out, **compute):
+    """A 3-generation quantization search at 3 bits on `prepare_quantized_workspace(root)`, float32, full-vocabulary
+    KL; `compute` adds ComputeConfig fields (workers, threads, device). Returns (summary, profile units)."""
+    import json
+
+    from evopress.config import ComputeConfig, SearchConfig
+    from evopress.stages import search
+
+    config = SearchConfig(
+        generations=3,
+        offspring=4,
+        survivors=(2, 1),
+        tokens=(64, "all"),
+        seed=1,
+        init="uniform",
+        initial_tokens=64,
+    )
+    settings = ComputeConfig(dtype="float32", batch_size=4, topk=0, **compute)
+    summary = search(
+        "quantization", root / "model", root / "text", root / "db", out, 3.0, {}, config, settings
+    )
+    return summary, json.loads((out / "profile.json").read_text())["units"]

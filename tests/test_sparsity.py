@@ -97,19 +97,19 @@ def test_each_level_file_has_exact_zero_count(built):
 
 def test_interrupted_build_resumes_to_identical_files(prepared, built, monkeypatch):
     out = prepared / "db_interrupted"
+    real = sparsity.prune_counts
     calls = {"n": 0}
-    real = sparsity._prune_block
 
-    def dies_in_second_block(db, adapter, grid, block, *args):
-        if block == 1:
-            raise KeyboardInterrupt
+    def dies_in_second_block(*args):  # one call per linear (all its levels): 7 linears per block
         calls["n"] += 1
-        return real(db, adapter, grid, block, *args)
+        if calls["n"] > 7:
+            raise KeyboardInterrupt
+        return real(*args)
 
-    monkeypatch.setattr(sparsity, "_prune_block", dies_in_second_block)
+    monkeypatch.setattr(sparsity, "prune_counts", dies_in_second_block)
     with pytest.raises(KeyboardInterrupt):
         sparsity.build_database(prepared / "model", prepared / "text", out, {"target": 0.5, **OPTS})
-    monkeypatch.setattr(sparsity, "_prune_block", real)
+    monkeypatch.setattr(sparsity, "prune_counts", real)
     assert LevelDatabase.open(out).missing()
     sparsity.build_database(prepared / "model", prepared / "text", out, {"target": 0.5, **OPTS})
     full, resumed = LevelDatabase.open(built), LevelDatabase.open(out)

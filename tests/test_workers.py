@@ -2,53 +2,32 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from conftest import prepare_tiny_workspace
+from conftest import prepare_quantized_workspace, short_quantized_search
 from evopress.compressors import quantization
-from evopress.config import ComputeConfig, SearchConfig
+from evopress.config import ComputeConfig
 
 ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OPTS = {"bits": "2,3,4", "group_size": 32, "n_samples": 8, "batch_size": 4}
-CONFIG = SearchConfig(
-    generations=3,
-    offspring=4,
-    survivors=(2, 1),
-    tokens=(64, "all"),
-    seed=1,
-    init="uniform",
-    initial_tokens=64,
-)
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = prepare_tiny_workspace(tmp_path_factory.mktemp("workers"))
-    quantization.build_database(root / "model", root / "text", root / "db", OPTS)
-    yield root
+    yield prepare_quantized_workspace(tmp_path_factory.mktemp("workers"))
     if ray.is_initialized():
         ray.shutdown()
 
 
 def _search(root, out, workers: int):
-    from evopress.stages import search
-
-    compute = ComputeConfig(dtype="float32", batch_size=4, topk=0, workers=workers, threads=1)
-    summary = search(
-        "quantization", root / "model", root / "text", root / "db", out, 3.0, {}, CONFIG, compute
-    )
-    return summary, json.loads((out / "profile.json").read_text())
+    return short_quantized_search(root, out, workers=workers, threads=1)
 
 
 def test_two_actors_find_the_profile_one_process_finds(workspace, tmp_path):
     one, p1 = _search(workspace, tmp_path / "one", 1)
     two, p2 = _search(workspace, tmp_path / "two", 2)
-    assert p1["units"] == p2["units"] and one["fitness"] == two["fitness"]
+    assert p1 == p2 and one["fitness"] == two["fitness"]
     h1 = (tmp_path / "one" / "history.csv").read_text().splitlines()
     h2 = (tmp_path / "two" / "history.csv").read_text().splitlines()
     assert [r.split(",")[:3] for r in h1] == [r.split(",")[:3] for r in h2]  # generation, fitness, improved

@@ -39,7 +39,7 @@ def _mean_cosines(ctx: FitnessContext, rows: torch.Tensor, pairs: list[tuple[int
             torch.nn.functional.cosine_similarity(bounds[i].double(), bounds[j].double(), dim=-1)
             for i, j in pairs
         ]
-        total += torch.stack([c.sum() for c in cos])
+        total += torch.stack([c.sum() for c in cos]).cpu()
         count += bounds[0].shape[0] * bounds[0].shape[1]
     return total / count
 

@@ -2,14 +2,16 @@
 
 A unit is one nn.Linear of one block, named `block.<i>.<module path>` (e.g. block.3.self_attn.q_proj).
 Both level databases are built the same way, block by block over calibration inputs: the block's Hessians
-(X^T X per linear) are collected, the method writes every missing level file of the block, and the next block
-sees this one's outputs (dense, or with the block compressed at a fixed level: `upstream`).
+(X^T X per linear) are collected, the method computes every missing level file of the block (here or on
+workers: evopress/build_pool.py), and the next block sees this one's outputs (dense, or with the block compressed
+at a fixed level: `upstream`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -54,11 +56,46 @@ def linear_of(adapter: ModelAdapter, unit: str) -> torch.nn.Linear:
 
 
 # --- building a level database --------------------------------------------------------------------------------
-WriteBlock = Callable[[int, dict[str, torch.Tensor], set], None]
+Tensors = dict[str, torch.Tensor]
+# levels_of(weights, hessians, wanted) -> {(unit, level): tensors}: the files of `wanted` = {unit: [levels]}, from
+# each unit's dense weight and input Hessian alone. A picklable object (a dataclass with __call__), so a Ray task
+# can run it where the model is not: evopress/build_pool.py.
+LevelsOf = Callable[[Tensors, Tensors, dict[str, list[int]]], dict[tuple[str, int], Tensors]]
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The level a block takes before the next block's inputs are computed, and the weight a level file holds."""
+
+    level: int
+    weight: Callable[[Tensors], torch.Tensor]
 
 
 def _run_block(adapter, block, hidden, kwargs, batch_size):
     return torch.cat([adapter.run_blocks(h, kwargs, block, block + 1) for h in hidden.split(batch_size)])
+
+
+def _wanted(todo: set, block: int) -> dict[str, list[int]]:
+    """{unit: sorted levels} of the block's pairs in `todo`."""
+    wanted: dict[str, list[int]] = {}
+    for unit, level in sorted(todo):
+        if split_unit(unit)[0] == block:
+            wanted.setdefault(unit, []).append(level)
+    return wanted
+
+
+def _split(wanted: dict[str, list[int]], level: int | None) -> tuple[dict, dict]:
+    """(the upstream level of each unit that lacks it, every other wanted level)."""
+    now = {u: [level] for u, levels in wanted.items() if level in levels}
+    later = {u: [lv for lv in levels if lv != level] for u, levels in wanted.items()}
+    return now, {u: levels for u, levels in later.items() if levels}
+
+
+def _write(db: LevelDatabase, files: dict[tuple[str, int], Tensors]) -> None:
+    for (unit, level), tensors in files.items():
+        db.write(unit, level, tensors, flush=False)
+    if files:
+        db.flush()
 
 
 @torch.no_grad()
@@ -67,16 +104,24 @@ def build_by_block(
     db: LevelDatabase,
     tokens: torch.Tensor,
     batch_size: int,
-    write_block: WriteBlock,
-    upstream: Callable[[str], torch.Tensor] | None = None,
+    levels_of: LevelsOf,
+    upstream: Upstream | None = None,
     desc: str = "build-db",
+    pool=None,
 ) -> None:
     """Write every missing (unit, level) file of `db`, block by block; resumable; marks the database complete.
 
-    `write_block(block, hessians, todo)` writes the block's files listed in `todo` (pairs of that block).
-    `upstream(unit)`, when given, is the weight a linear takes before the next block's inputs are computed
-    (e.g. the block quantized at calib_bits); without it later blocks see the dense model's activations.
+    This process runs the model: block by block it collects the Hessians, and, when `upstream` is given, computes
+    the block's upstream level (e.g. quantized at calib_bits) that the next block's inputs are computed with;
+    without it later blocks see the dense model's activations. Every other level only needs a weight and its
+    Hessian, so `pool` (evopress/build_pool.py: in this process by default, or Ray tasks on `compute.workers`)
+    computes them while this process moves on; their files are written here as they arrive, so the manifest has
+    one writer and an interrupted build resumes from whatever was recorded. Which process computes a file does
+    not change a bit of it (each level is computed independently of the others).
     """
+    from evopress.build_pool import InProcessPool
+
+    pool = pool or InProcessPool()
     todo = set(db.todo())
     started = time.perf_counter()
     _, kwargs = adapter.block_inputs(tokens[:1])  # the same for any batch size (SDPA, no padding)
@@ -84,17 +129,23 @@ def build_by_block(
     # Blocks after the last one with missing files need no forward pass: a complete database costs no compute.
     last = max((split_unit(p[0])[0] for p in todo), default=-1)
     for block in progress(range(last + 1), last + 1, desc):
-        block_todo = {p for p in todo if split_unit(p[0])[0] == block}
+        wanted = _wanted(todo, block)
         out = None
-        if block_todo:
-            hessians, out = collect_block_hessians(adapter, block, hidden, kwargs, batch_size)
-            write_block(block, hessians, block_todo)
-            db.flush()
+        if wanted:
+            names, out = collect_block_hessians(adapter, block, hidden, kwargs, batch_size)
+            hessians = {f"block.{block}.{n}": h for n, h in names.items() if f"block.{block}.{n}" in wanted}
+            weights = {u: linear_of(adapter, u).weight.detach().clone() for u in hessians}
+            now, later = _split(wanted, upstream.level if upstream else None)
+            _write(db, levels_of(weights, hessians, now))  # the next block needs these: computed here, now
+            if later:
+                pool.submit(levels_of, weights, hessians, later)
+            _write(db, pool.ready())
         if upstream is not None:  # the next block sees this one compressed
             for name, lin in adapter.linears(block).items():
-                lin.weight.copy_(upstream(f"block.{block}.{name}"))
+                lin.weight.copy_(upstream.weight(db.load(f"block.{block}.{name}", upstream.level)))
             out = None
         hidden = out if out is not None else _run_block(adapter, block, hidden, kwargs, batch_size)
+    _write(db, pool.drain())
     # wall time over every (resumed) run that had work to do, for the benchmark's build-time figure
     if todo:
         db.manifest["build_seconds"] = db.manifest.get("build_seconds", 0.0) + time.perf_counter() - started

@@ -30,6 +30,7 @@ import torch
 from evopress.adapter import ModelAdapter
 from evopress.compressors.base import Compressor, Profile
 from evopress.compressors.linears import (
+    Upstream,
     build_by_block,
     linear_of,
     linear_sizes,
@@ -295,28 +296,40 @@ def make(
 
 
 # --- building the database -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GptqLevels:
+    """The level files of some linears: GPTQ of each dense weight with its Hessian at each wanted bit-width."""
+
+    opts: QuantOptions
+
+    @torch.no_grad()
+    def __call__(self, weights, hessians, wanted: dict[str, list[int]]) -> dict:
+        o = self.opts
+        files = {}
+        for unit, bits in wanted.items():
+            for q in gptq(weights[unit], hessians[unit], bits, o.group_size, o.damp, o.act_order):
+                files[(unit, q.bits)] = {"codes": q.codes, "scale": q.scale, "zero": q.zero}
+        return files
+
+
+def _dequantized(tensors: dict) -> torch.Tensor:
+    return dequantize(tensors["codes"], tensors["scale"], tensors["zero"])
+
+
 @torch.no_grad()
-def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict) -> LevelDatabase:
-    """GPTQ every linear of the prepared model at every bit-width; resumable; returns the database."""
+def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict, pool=None) -> LevelDatabase:
+    """GPTQ every linear of the prepared model at every bit-width; resumable; returns the database.
+
+    `pool` (evopress/build_pool.py) computes the bit-widths other than calib_bits; default: this process."""
     opts = QuantOptions.from_dict({k: v for k, v in dict(options).items() if k != "target"})
     adapter, db, tokens = open_build(
         model_dir, data_dir, out_dir, lambda a, sha: database_spec(a, sha, opts), opts.n_samples
     )
-
-    def write_block(block, hessians, todo):
-        for name, lin in adapter.linears(block).items():
-            unit = f"block.{block}.{name}"
-            bits = [b for b in opts.bits if (unit, b) in todo]
-            if not bits:
-                continue
-            for q in gptq(lin.weight, hessians[name], bits, opts.group_size, opts.damp, opts.act_order):
-                db.write(unit, q.bits, {"codes": q.codes, "scale": q.scale, "zero": q.zero}, flush=False)
-
-    def upstream(unit: str) -> torch.Tensor:  # the next block is calibrated on this one at calib_bits
-        t = db.load(unit, opts.calib_bits)
-        return dequantize(t["codes"], t["scale"], t["zero"])
-
-    build_by_block(adapter, db, tokens, opts.batch_size, write_block, upstream, "build-db quantization")
+    # the next block is calibrated on this one at calib_bits
+    upstream = Upstream(opts.calib_bits, _dequantized)
+    build_by_block(
+        adapter, db, tokens, opts.batch_size, GptqLevels(opts), upstream, "build-db quantization", pool
+    )
     return db
 
 

@@ -22,6 +22,7 @@ import torch
 from evopress.adapter import ModelAdapter
 from evopress.compressors.base import Compressor, Profile
 from evopress.compressors.linears import (
+    Upstream,
     build_by_block,
     hidden_size,
     linear_of,
@@ -226,24 +227,33 @@ def make(adapter: ModelAdapter, target: float, *, db=None, options: dict | None 
 
 
 # --- building the database -----------------------------------------------------------------------------------
-def _prune_block(db, adapter, grid, block, hessians, opts, todo):
-    storage = STORAGE_DTYPES[opts.storage]
-    for name, lin in adapter.linears(block).items():
-        unit = f"block.{block}.{name}"
-        levels = [lvl for lvl in grid.levels[unit] if (unit, lvl) in todo]
-        if not levels:
-            continue
-        u = inverse_cholesky(hessians[name], opts.damp)
-        pruned = prune_counts(lin.weight, u, [grid.pruned(unit, lvl) for lvl in levels], opts.blocksize)
-        for lvl, w in zip(levels, pruned, strict=True):
-            w = w.to(storage)
-            assert int((w == 0).sum()) >= grid.pruned(unit, lvl)
-            db.write(unit, lvl, {"weight": w}, flush=False)
+@dataclass(frozen=True)
+class SparseGptLevels:
+    """The level files of some linears: SparseGPT of each dense weight with its Hessian at each wanted level."""
+
+    grid: LevelGrid
+    opts: SparsityOptions
+
+    @torch.no_grad()
+    def __call__(self, weights, hessians, wanted: dict[str, list[int]]) -> dict:
+        storage = STORAGE_DTYPES[self.opts.storage]
+        files = {}
+        for unit, levels in wanted.items():
+            u = inverse_cholesky(hessians[unit], self.opts.damp)
+            counts = [self.grid.pruned(unit, lvl) for lvl in levels]
+            pruned = prune_counts(weights[unit], u, counts, self.opts.blocksize)
+            for lvl, count, w in zip(levels, counts, pruned, strict=True):
+                w = w.to(storage)
+                assert int((w == 0).sum()) >= count
+                files[(unit, lvl)] = {"weight": w}
+        return files
 
 
 @torch.no_grad()
-def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict) -> LevelDatabase:
-    """Prune every linear of the prepared model to every level of the grid; resumable; returns the database."""
+def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict, pool=None) -> LevelDatabase:
+    """Prune every linear of the prepared model to every level of the grid; resumable; returns the database.
+
+    `pool` (evopress/build_pool.py) computes the levels (all but level 0 with inputs=uniform); default: here."""
     options = dict(options)
     require("target" in options, "build-db --method sparsity needs --option target=<sparsity in (0, 1)>")
     target = check_target(float(options.pop("target")))
@@ -253,13 +263,10 @@ def build_database(model_dir: Path, data_dir: Path, out_dir: Path, options: dict
     )
     shapes = {u: s["shapes"]["weight"] for u, s in db.manifest["units"].items()}
     grid = level_grid({u: r * c for u, (r, c) in shapes.items()}, hidden_size(adapter), target, opts)
-
-    def write_block(block, hessians, todo):
-        _prune_block(db, adapter, grid, block, hessians, opts, todo)
-
     # inputs=uniform: the next block sees this block pruned at the target (level 0)
-    upstream = (lambda unit: db.load(unit, 0)["weight"]) if opts.inputs == "uniform" else None
-    build_by_block(adapter, db, tokens, opts.batch_size, write_block, upstream, "build-db sparsity")
+    upstream = Upstream(0, lambda tensors: tensors["weight"]) if opts.inputs == "uniform" else None
+    levels_of = SparseGptLevels(grid, opts)
+    build_by_block(adapter, db, tokens, opts.batch_size, levels_of, upstream, "build-db sparsity", pool)
     return db
 
 
