@@ -1,6 +1,7 @@
 """The main flow: run the DVC stage graph in order, with retries, a progress artifact and a results table.
 
     python -m flows.compress run                  # the whole pipeline now (what `make run` does)
+    python -m flows.compress run --parallel 2     # independent stages (e.g. two methods' searches) at once
     python -m flows.compress serve --cron "0 3 * * 0"   # recompress every Sunday 03:00 (long-running process)
     python -m flows.compress deploy --pool evopress-gpu --cron "0 3 * * 0"   # a deployment on a work pool
 
@@ -84,9 +85,55 @@ def results_table(project: Path) -> tuple[list[dict], str]:
     return rows, markdown(rows)
 
 
+def run_in_order(root: Path, stages: list[str], env: dict, progress) -> tuple[list[str], list[str]]:
+    """`dvc repro` of each stage in dvc.yaml order, one at a time (the default); returns (ran, skipped)."""
+    ran, skipped = [], []
+    for i, stage in enumerate(stages):
+        t0 = time.monotonic()
+        (ran if run_stage(stage, str(root), env) else skipped).append(stage)
+        print(f"[{i + 1}/{len(stages)}] {stage}: {time.monotonic() - t0:.0f} s")
+        update_progress_artifact(progress, 100.0 * (i + 1) / len(stages))
+    return ran, skipped
+
+
+def run_side_by_side(root: Path, env: dict, parallel: int, progress) -> tuple[list[str], list[str], dict]:
+    """Up to `parallel` stages at once, each as soon as the stages it depends on are done (tasks/parallel_stages.py:
+    the stage's command, then `dvc commit`); returns (ran, skipped) in the order they finished, and each stage's
+    (start, end) in seconds since the first started. A failed stage fails the flow once the others running finish
+    (their commits complete, so dvc.lock records everything that was done)."""
+    from prefect.futures import as_completed
+
+    from tasks.parallel_stages import run_stage_beside, stage_plans
+
+    plans = stage_plans(root)
+    done: set[str] = set()
+    ran, skipped, running, spans = [], [], {}, {}
+    t0 = time.monotonic()
+    while len(done) < len(plans):
+        for name, plan in plans.items():
+            if name not in done and name not in running and plan.after <= done and len(running) < parallel:
+                spans[name] = [time.monotonic() - t0, None]
+                running[name] = run_stage_beside.submit(plan, str(root), env)
+        finished = next(as_completed(list(running.values())))
+        name = next(n for n, f in running.items() if f is finished)
+        del running[name]
+        spans[name][1] = time.monotonic() - t0
+        try:
+            (ran if finished.result() else skipped).append(name)
+        except BaseException:
+            for other in running.values():
+                other.wait()
+            raise
+        done.add(name)
+        print(f"[{len(done)}/{len(plans)}] {name}: {spans[name][1] - spans[name][0]:.0f} s")
+        update_progress_artifact(progress, 100.0 * len(done) / len(plans))
+    return ran, skipped, spans
+
+
 @flow(name="evopress-compress", log_prints=True)
-def compress(project: str = str(PROJECT), wait: float = 0.0, lock: bool = True) -> dict:
-    """Reproduce every DVC stage in order (one at a time); end with the results table.
+def compress(project: str = str(PROJECT), wait: float = 0.0, lock: bool = True, parallel: int = 1) -> dict:
+    """Reproduce every DVC stage (one at a time, or up to `parallel` independent ones at once); end with the
+    results table.
 
     `lock=False`: the caller already holds the workspace lock (`main` takes it before Prefect starts)."""
     root = Path(project).resolve()
@@ -98,13 +145,12 @@ def compress(project: str = str(PROJECT), wait: float = 0.0, lock: bool = True) 
         run_id = open_pipeline_run(str(root), name=name, stages=stages)  # and a scheduled run per stage
         env = {"EVOPRESS_MLFLOW_PARENT_RUN": run_id} if run_id else {}
         progress = create_progress_artifact(0.0, key="evopress-progress", description="stages done, %")
-        ran, skipped, status, table_md = [], [], "FAILED", None
+        ran, skipped, status, table_md, spans = [], [], "FAILED", None, {}
         try:
-            for i, stage in enumerate(stages):
-                t0 = time.monotonic()
-                (ran if run_stage(stage, str(root), env) else skipped).append(stage)
-                print(f"[{i + 1}/{len(stages)}] {stage}: {time.monotonic() - t0:.0f} s")
-                update_progress_artifact(progress, 100.0 * (i + 1) / len(stages))
+            if parallel > 1:
+                ran, skipped, spans = run_side_by_side(root, env, parallel, progress)
+            else:
+                ran, skipped = run_in_order(root, stages, env, progress)
             rows, table_md = results_table(root)
             create_table_artifact(
                 rows, key="evopress-results", description="held-out results of every profile"
@@ -119,7 +165,7 @@ def compress(project: str = str(PROJECT), wait: float = 0.0, lock: bool = True) 
 
         uri, _ = tracking.uris(P.load(root / "params.yaml").tracking, root)
         print(f"MLflow runs (parent {run_id}): mlflow ui --backend-store-uri {uri}")
-    return {"ran": ran, "table": rows, "mlflow_run": run_id}
+    return {"ran": ran, "table": rows, "mlflow_run": run_id, "spans": spans}
 
 
 def recompress_deployment(cron: str, project: str):
@@ -166,7 +212,7 @@ def preflight(project: Path) -> None:
     P.load(project / "params.yaml")
 
 
-def run_now(project: str, wait: float, debug: bool) -> None:
+def run_now(project: str, wait: float, debug: bool, parallel: int = 1) -> None:
     """`run`: lock the workspace and check the params before Prefect starts, so a second flow or a bad
     params.yaml is one line (exit 2); a failure inside the flow prints its cause in one line (exit 1), the
     traceback only with --debug (always in the log file)."""
@@ -178,7 +224,7 @@ def run_now(project: str, wait: float, debug: bool) -> None:
             preflight(root)
             log_path = None if debug else quiet_tracebacks(root)
             try:
-                compress(project=str(root), wait=wait, lock=False)
+                compress(project=str(root), wait=wait, lock=False, parallel=parallel)
             except Exception as err:
                 if debug or isinstance(err, UserError):
                     raise
@@ -200,6 +246,9 @@ def main() -> None:
     run.add_argument("--project", default=str(PROJECT))
     run.add_argument("--wait", type=float, default=0.0, help="seconds to wait for another flow's lock")
     run.add_argument("--debug", action="store_true", help="print Prefect's tracebacks on the console too")
+    run.add_argument(
+        "--parallel", type=int, default=1, help="independent stages run at once (1: in order, with dvc repro)"
+    )
     serve = sub.add_parser("serve", help="serve the flow on a cron schedule (blocks)")
     serve.add_argument("--cron", default="0 3 * * 0")
     serve.add_argument("--project", default=str(PROJECT))
@@ -208,7 +257,9 @@ def main() -> None:
     deploy.add_argument("--cron", default=None)
     args = parser.parse_args()
     if args.command == "run":
-        run_now(args.project, args.wait, args.debug)
+        if args.parallel < 1:
+            parser.error(f"--parallel {args.parallel}: must be >= 1")
+        run_now(args.project, args.wait, args.debug, args.parallel)
     elif args.command == "serve":
         from prefect import serve
 

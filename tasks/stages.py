@@ -63,25 +63,38 @@ def failure_cause(lines: list[str], status: int) -> tuple[str, bool]:
     return f"dvc repro exited with status {status}", False
 
 
+def stage_env(env: dict[str, str] | None) -> dict[str, str]:
+    """This process's environment, this interpreter's folder first on PATH (the stages' `evopress`), and `env`."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+
+
+def stream(cmd: list[str], project: Path, env: dict[str, str], logger) -> tuple[int, list[str], bool]:
+    """Run `cmd`, each output line into the log as it comes (a long search shows its progress live); returns the
+    exit status, the last 200 lines (enough to find a failure's cause, bounded for a long search) and whether
+    DVC said it ran a stage."""
+    proc = subprocess.Popen(
+        cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    tail: list[str] = []
+    ran = False
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            ran = ran or line.startswith(RAN_MARK)
+            tail = [*tail[-199:], line]
+            logger.info(line)
+    return proc.wait(), tail, ran
+
+
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=worth_retrying, task_run_name="stage {stage}")
 def run_stage(stage: str, project: str, env: dict[str, str] | None = None) -> bool:
     """Reproduce one stage; returns whether DVC ran it (False: it was up to date)."""
     logger = get_run_logger()
-    bin_dir = str(Path(sys.executable).parent)
-    full_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
     cmd = [dvc_executable(), "repro", "--single-item", stage]
-    proc = subprocess.Popen(
-        cmd, cwd=project, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
-    ran, tail = False, []
-    for line in proc.stdout:  # streamed as it comes: a long search shows its progress lines live
-        line = line.rstrip()
-        if line:
-            ran = ran or line.startswith(RAN_MARK)
-            tail = [*tail[-199:], line]  # enough to find the cause, bounded for a long search's output
-            logger.info(line)
-    if proc.wait() != 0:
-        raise StageFailed(stage, *failure_cause(tail, proc.returncode))
+    status, tail, ran = stream(cmd, Path(project), stage_env(env), logger)
+    if status != 0:
+        raise StageFailed(stage, *failure_cause(tail, status))
     return ran
 
 

@@ -323,6 +323,28 @@ def test_prefect_flow_runs_the_graph(project, monkeypatch):
     assert by_stage["search@depth"].data.tags["dvc.out.runs/search/depth/profile.json"] == profile_md5
 
 
+def test_parallel_flow_runs_independent_searches_at_once_and_leaves_dvc_clean(project, monkeypatch):
+    """--parallel 2: both methods' searches (changed seeds) run side by side; DVC records them as `dvc repro` would."""
+    proj, _ = project
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.compress import compress
+
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    for method in ("depth", "quantization"):
+        params["methods"][method]["search"]["seed"] = 7
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setenv("PATH", f"{BIN}:{os.environ['PATH']}")
+    with prefect_test_harness(server_startup_timeout=300):
+        result = compress(project=str(proj), parallel=2)
+    assert {"search@depth", "search@quantization", "evaluate"} <= set(result["ran"])
+    (a0, a1), (b0, b1) = result["spans"]["search@depth"], result["spans"]["search@quantization"]
+    assert a0 < b1 and b0 < a1, result["spans"]  # the two searches overlapped
+    status = sh(["dvc", "status"], proj).stdout
+    assert "up to date" in status, status  # dvc.lock holds every stage's hashes, as after `dvc repro`
+    assert ran_stages(sh(["dvc", "repro"], proj).stdout) == set()
+
+
 def test_a_stage_refusing_its_input_mid_flow_ends_the_flow_with_its_cause_in_one_line(
     tmp_path, monkeypatch, capsys
 ):

@@ -301,11 +301,11 @@ def make(adapter: ModelAdapter, target: float, *, db=None, options: dict | None 
     return JointCompressor(adapter, target, quant, opts)
 
 
-def build_database(model_dir, data_dir, out_dir, options: dict):
+def build_database(model_dir, data_dir, out_dir, options: dict, pool=None):
     """The quantization method's database (joint searches over its files)."""
     from evopress.compressors.quantization import build_database as build_quantization
 
-    return build_quantization(model_dir, data_dir, out_dir, options)
+    return build_quantization(model_dir, data_dir, out_dir, options, pool=pool)
 
 
 from evopress.compressors.joint.stitching import FORMATS, stitch  # noqa: E402 (re-exported: the method's stitch)
