@@ -40,6 +40,7 @@ from quality_common import (
 
 from evopress.adapter import ModelAdapter
 from evopress.baselines import joint as jbase
+from evopress.baselines import quantization as bq
 from evopress.compressors import depth as depth_method
 from evopress.compressors import joint, quantization
 from evopress.data import load_tokens
@@ -188,6 +189,36 @@ def delivered(args, results, key, comp, profile, sets) -> None:
     save(results)
 
 
+def cache_layer_errors(folder: Path) -> None:
+    """Keep the DP baselines' per-linear errors on disk: they depend on the model, the database, the sublayers
+    removed and the rows, not on the size, so the second size (and a resumed run) reuses them (a DP measures
+    every linear at every bits: ~20 minutes here)."""
+    real = bq.layer_errors
+
+    def layer_errors(comp, ctx, rows, units=None):
+        removed = [
+            (b, k)
+            for b in range(comp.adapter.num_blocks)
+            for k in ("attn", "mlp")
+            if comp.adapter.is_dropped(b, k)
+        ]
+        key = {
+            "removed": removed,
+            "rows": rows.tolist(),
+            "units": units,
+            "db": str(comp.db.root),
+            "n": len(ctx.tokens),
+        }
+        path = folder / (hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16] + ".json")
+        if path.exists():
+            return json.loads(path.read_text())["errors"]
+        errors = real(comp, ctx, rows, units)
+        atomic_write_json(path, {"key": key, "errors": errors})
+        return errors
+
+    bq.layer_errors = layer_errors
+
+
 def run_target(args, results, adapter, ctx, sets, dense_weights, depth_profile: Path, target: float) -> None:
     cells = results["cells"]
 
@@ -334,6 +365,7 @@ def main() -> None:
         for i in range(adapter.num_blocks)
         for name, lin in adapter.linears(i).items()
     }
+    cache_layer_errors(root / "layer-errors" / data.tag)
     depth_profile = depth_search(args, results, adapter, ctx)
     for target in targets:
         run_target(args, results, adapter, ctx, sets, dense_weights, depth_profile, target)

@@ -20,6 +20,7 @@ import random
 
 import torch
 
+from evopress.baselines import quantization as quantization_baselines
 from evopress.baselines.quantization import dp as quantization_dp
 from evopress.baselines.quantization import solve_dp
 from evopress.compressors.joint import JointCompressor
@@ -79,17 +80,7 @@ def depth_then_dp(comp: JointCompressor, ctx, *, seed: int, tokens: int) -> dict
         comp.apply(sub, profile[sub])
     kept = comp.kept_linears(profile)
     rows = ctx.sample(random.Random(seed), tokens)
-    prefix = ctx.prefix(rows)
-    errors = {}
-    for unit in kept:
-        linear = comp.quant._linear(unit)
-        dense = linear.weight.detach().clone()
-        errs = []
-        for bits in comp.quant.levels(unit):
-            comp.quant.apply(unit, bits)
-            errs.append(ctx.kl_from(prefix, comp.block_of(unit)))
-        linear.weight.copy_(dense)
-        errors[unit] = errs
+    errors = quantization_baselines.layer_errors(comp.quant, ctx, rows, kept)
     for sub in comp.depth.units():
         comp.apply(sub, 0)
     g = math.gcd(*(comp.quant.sizes[u] for u in kept))

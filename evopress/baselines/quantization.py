@@ -64,11 +64,14 @@ def solve_dp(weights: list[int], errors: list[list[float]], levels: list[int], b
 
 
 @torch.no_grad()
-def layer_errors(comp: QuantizationCompressor, ctx, rows: torch.Tensor) -> dict[str, list[float]]:
-    """e(u, b): calibration KL with only unit u at b bits, every other unit dense (the live model's)."""
+def layer_errors(
+    comp: QuantizationCompressor, ctx, rows: torch.Tensor, units: list[str] | None = None
+) -> dict[str, list[float]]:
+    """e(u, b): calibration KL with only unit u at b bits, every other unit as the live model holds it (dense,
+    or with sublayers removed for the joint method's depth_then_dp); for `units` (default: all)."""
     prefix = ctx.prefix(rows)  # dense hidden states entering every block, computed once
     errors = {}
-    for unit in comp.units():
+    for unit in comp.units() if units is None else units:
         linears = comp._linears(unit)  # one linear, or the fused members
         dense = [linear.weight.detach().clone() for linear in linears]
         errs = []
