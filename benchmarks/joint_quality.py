@@ -138,6 +138,12 @@ def markdown(results: dict) -> str:
                 f"| {key} | {start} | {c['fitness']:.4f} | {c['generations']} | {c['seconds_per_generation']:.1f} |"
             )
     settings = results.get("settings") or {}
+    lines += [
+        "",
+        "Starts: the quantization-only search starts from the better of uniform and DP bits, the joint search from "
+        f"the best of uniform, {' and '.join(JOINT_SEEDS)} (scored on the same calibration rows); the start KL "
+        "above is the one it took.",
+    ]
     lines += ["", calibration_line(results, settings.get("calibration_rows"))]
     lines += ["", f"settings: {json.dumps(settings)}", ""]
     return "\n".join(lines)
