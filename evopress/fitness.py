@@ -93,15 +93,16 @@ def _chunk_kl(logits, logp, index, start: int, end: int) -> torch.Tensor:
 @torch.no_grad()
 def kl_of_hidden(adapter: ModelAdapter, hidden: torch.Tensor, ref: DenseReference) -> torch.Tensor:
     """Sum of per-token KL for final hidden states [b, s, d] against the matching reference rows."""
-    total = torch.zeros((), dtype=torch.float64)
+    # summed where the logits are, moved to host memory once: no device sync per chunk in the search's hot loop
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
     logp = ref.logp.reshape(-1, ref.logp.shape[-1])
     index = None if ref.index is None else ref.index.reshape(-1, ref.index.shape[-1])
     start = 0
     for chunk in _token_chunks(hidden):
         end = start + len(chunk)
-        total += _chunk_kl(adapter.logits(chunk), logp, index, start, end).double().sum().cpu()
+        total += _chunk_kl(adapter.logits(chunk), logp, index, start, end).double().sum()
         start = end
-    return total
+    return total.cpu()
 
 
 @torch.no_grad()
