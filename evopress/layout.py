@@ -15,8 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("prepare_model", "prepare_data", "build_db", "search", "baselines", "stitch", "evaluate", "report")
-PER_METHOD = ("build_db", "search", "baselines", "stitch")
+STAGES = ("prepare_model", "prepare_data", "build_db", "baselines", "search", "stitch", "evaluate", "report")
+PER_METHOD = ("build_db", "baselines", "search", "stitch")
 
 
 def stage_labels(methods) -> list[str]:
@@ -123,7 +123,7 @@ class Layout:
             "prepare_model": [],
             "prepare_data": [MODEL],
             "build_db": [MODEL, TEXT],
-            "search": [MODEL, TEXT, f"data/db/{m}"],
+            "search": [MODEL, TEXT, f"data/db/{m}", f"runs/baselines/{m}"],  # seeds: baselines' profiles
             "baselines": [MODEL, TEXT, f"data/db/{m}"],
             "stitch": [MODEL, f"data/db/{m}", f"runs/search/{m}/profile.json"],
             "evaluate": [MODEL, TEXT, "runs/search", "runs/baselines", "models"],

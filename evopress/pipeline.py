@@ -22,7 +22,7 @@ from pathlib import Path
 
 from evopress import stages
 from evopress.errors import require
-from evopress.io import atomic_write_json, atomic_write_text
+from evopress.io import atomic_write_json, atomic_write_text, sha256_file
 from evopress.layout import PER_METHOD, STAGES, Layout
 from evopress.params import Params
 
@@ -150,10 +150,16 @@ def search(p: Params, layout: Layout, m: str, log, on_generation=None) -> StageR
     from evopress.report import fitness_figure, profile_figure
 
     mp, out = p.methods[m], layout.search(m)
+    # Seeds that are also baselines start from the baselines stage's files (computed once, and the search then
+    # starts from a row of the results table); a changed seed file is another search.
+    seed_files = {
+        n: layout.baselines(m) / n / "profile.json" for n in mp.search.seed_baselines if n in mp.baselines
+    }
     settings = {
         "method": asdict(mp),
         "compute": asdict(p.compute),
         "code_sha256": code_sha256(layout, "search", m),
+        "seed_files": {n: sha256_file(f) for n, f in seed_files.items() if f.is_file()},
     }
     checkpoint = out / "checkpoint.json"
     # A search's outputs belong together: moved aside as one, so no profile outlives the checkpoint it came from.
@@ -172,6 +178,7 @@ def search(p: Params, layout: Layout, m: str, log, on_generation=None) -> StageR
         mp.search,
         p.compute,
         on_generation,
+        seed_files,
     )
     log(
         f"profile -> {out / 'profile.json'} (fitness KL {summary['fitness']}, from {summary['initial_source']})"

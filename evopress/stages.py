@@ -111,9 +111,13 @@ def search(
     config: SearchConfig,
     compute: ComputeConfig,
     on_generation: Callable | None = None,
+    seed_files: dict[str, Path] | None = None,
 ) -> dict:
     """Search a profile at the target; resumes from `out`'s checkpoint. Writes profile.json, search.json,
-    layers.csv (and history.csv, checkpoint.json every generation); returns search.json's content."""
+    layers.csv (and history.csv, checkpoint.json every generation); returns search.json's content.
+
+    `seed_files` maps seed baselines to profiles the baselines stage already wrote: those are read, not computed
+    again (the pipeline's DP seed costs as much as a third of the search)."""
     import json
 
     from evopress.data import load_tokens
@@ -136,9 +140,13 @@ def search(
     comp = make_compressor(method, adapter, target, db=database_of(method, db), options=options)
     ctx = FitnessContext.build(adapter, calibration, topk=compute.topk or None, batch_size=compute.batch_size)
 
+    given = {n: seed_profile(f, method, target, comp, model_dir) for n, f in (seed_files or {}).items()}
+
     def seeds() -> dict:  # on the dense model; the search then applies every unit of its first candidate
         return {
-            n: get_baseline(method, n)(comp, ctx, seed=config.seed, tokens=config.initial_tokens)
+            n: given[n]
+            if n in given
+            else get_baseline(method, n)(comp, ctx, seed=config.seed, tokens=config.initial_tokens)
             for n in config.seed_baselines
         }
 
@@ -189,6 +197,18 @@ def search(
     atomic_write_json(out / "search.json", summary)
     write_layers_csv(out / "profile.json", out / "layers.csv")
     return summary
+
+
+def seed_profile(path: Path, method: str, target: float, comp, model_dir: Path) -> dict:
+    """The units of a baseline's profile file, checked to be a start of this search (method, target, model)."""
+    from evopress.profile import model_sha256, read_profile, validate_units
+
+    profile = read_profile(path, keys=("method", "target", "units"))
+    for key, want in (("method", method), ("target", target), ("model_sha256", model_sha256(model_dir))):
+        have = profile.get(key)
+        require(have == want, f"seed profile {str(path)!r} has {key} {have!r}, this search needs {want!r}")
+    validate_units(profile["units"], comp)
+    return {u: int(v) for u, v in profile["units"].items()}
 
 
 def baseline(
