@@ -212,6 +212,8 @@ def run_search(
                 reuse = parent if (step == 0 and config.prefix_reuse) else None
                 scores = scorer.score(pool, rows, reuse)
                 tokens += len(pool) * len(rows) * ctx.seq_len
+                if last and known is None and n_tok == ALL:  # the start on every row: what the end is held to
+                    state.setdefault("initial_exact_fitness", scores[-1])
                 if known is not None:
                     pool, scores = pool + [parent], scores + [known]
                 chosen = select(pool, scores, 1 if last else keep)

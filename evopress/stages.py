@@ -185,7 +185,10 @@ def search(
     state = json.loads((out / "checkpoint.json").read_text())
     summary = {
         "fitness": profile["fitness"],
-        "initial_fitness": state.get("initial_fitness"),
+        "initial_fitness": state.get("initial_fitness"),  # on initial_tokens
+        "initial_exact_fitness": state.get(
+            "initial_exact_fitness"
+        ),  # on every row (exact last step), or None
         "initial_source": state.get("initial_source"),
         "generations": state["generation"],
         "seconds": round(state["elapsed"], 2),

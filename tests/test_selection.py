@@ -4,6 +4,7 @@ rise."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -149,3 +150,30 @@ def test_a_search_started_at_an_optimum_never_leaves_it(monkeypatch):
         removed, fitness = ends("all", seed)
         assert removed == start and fitness == pytest.approx(kl[start], rel=1e-9)
     assert any(ends(32, seed)[0] != start for seed in range(3))
+
+
+def test_the_start_is_scored_on_every_row_and_the_end_is_no_worse(setup, monkeypatch, tmp_path):
+    """With initial candidates scored on a sample, the checkpoint (and search.json) still records the start's KL on
+    every calibration row (`initial_exact_fitness`): the figure the end is held to."""
+    adapter, ctx = setup
+    starts = []
+    real = search_module.initial_parent
+
+    def recording(*args):
+        start = real(*args)
+        starts.append(dict(start[0]))
+        return start
+
+    monkeypatch.setattr(search_module, "initial_parent", recording)
+    comp = make(adapter, 2, options={"granularity": "sublayer"})
+    config = SearchConfig(
+        generations=4, offspring=4, survivors=(2, 1), tokens=(64, "all"), init="random",
+        initially_generated=4, initial_tokens=64, seed=3,
+    )  # fmt: skip
+    result = search_module.run_search(comp, ctx, config, tmp_path)
+    state = json.loads((tmp_path / "checkpoint.json").read_text())
+    comp.apply_profile(starts[0])
+    start_exact = ctx.kl(ctx.all_rows())
+    assert state["initial_exact_fitness"] == pytest.approx(start_exact, rel=1e-12)
+    assert state["initial_fitness"] != pytest.approx(start_exact, rel=1e-9)  # the sample's figure differs
+    assert result.fitness <= start_exact + 1e-12
