@@ -136,7 +136,9 @@ def baseline_cmd(
     target: float = typer.Option(..., help="the same budget as `search --target`"),
     option: list[str] = OPTION,
     seed: int = typer.Option(0, help="seed of the calibration sample (and random profiles)"),
-    tokens: int = typer.Option(2048, help="calibration tokens the baseline scores with"),
+    tokens: int = typer.Option(
+        2048, help="calibration tokens the baseline scores with (fewer than a row: the first row's prefix)"
+    ),
     topk: int = typer.Option(C.topk, help="dense top-K kept for KL-based baselines"),
     batch_size: int = typer.Option(C.batch_size, help="sequences per forward"),
     dtype: str = DTYPE,

@@ -245,8 +245,13 @@ def baseline(
     )
     adapter = load_adapter(model_dir, compute.dtype, resolve_device(compute.device))
     comp = make_compressor(method, adapter, target, db=database_of(method, db), options=options)
-    # Only the rows the baseline scores need a dense reference.
-    rows = calibration[: math.ceil(tokens / calibration.shape[1])]
+    # Only the rows the baseline scores need a dense reference. Fewer tokens than a row means the first row's
+    # prefix: DP costs one forward per linear and bit-width, so a 256-token prefix halves what a 512-token row
+    # costs (20 minutes of the main job on a 2-core CPU), and DP only needs the linears' errors ranked.
+    seq_len = calibration.shape[1]
+    rows = (
+        calibration[: math.ceil(tokens / seq_len)] if tokens >= seq_len else calibration[:1, : max(tokens, 2)]
+    )
     ctx = FitnessContext.build(adapter, rows, topk=compute.topk or None, batch_size=compute.batch_size)
     units = make_baseline(comp, ctx, seed=seed, tokens=tokens)
     profile = make_profile(comp, units, target=target, source=f"baseline:{name}", sha=model_sha256(model_dir))

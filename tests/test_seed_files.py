@@ -80,3 +80,28 @@ def test_a_seed_file_with_a_unit_at_a_level_the_database_lacks_is_refused(worksp
     bad.write_text(json.dumps({**profile, "units": {**profile["units"], first: 7}}))
     with pytest.raises(UserError, match="levels the units cannot take"):
         _search(workspace, tmp_path / "search", bad)
+
+
+@pytest.mark.parametrize(("tokens", "shape"), [(20, (1, 20)), (32, (1, 32)), (40, (2, 32))])
+def test_a_baseline_on_fewer_tokens_than_a_row_scores_a_prefix_of_the_first_row(
+    workspace, tmp_path, tokens, shape
+):
+    """DP's cost is one forward per linear and bit-width: `baseline_tokens` below the row length buys a shorter
+    forward (the first row's prefix) instead of rounding up to a whole row."""
+    from evopress.scoring import FitnessContext
+
+    built = []
+    real = FitnessContext.build.__func__
+
+    def recording(cls, adapter, tokens_, **kwargs):
+        built.append(tuple(tokens_.shape))
+        return real(cls, adapter, tokens_, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FitnessContext, "build", classmethod(recording))
+        profile = stages.baseline(
+            "quantization", "dp", workspace / "model", workspace / "text", workspace / "db", tmp_path, 3.0, {},
+            COMPUTE, 0, tokens,
+        )  # fmt: skip
+    assert built == [shape]
+    assert profile["source"] == "baseline:dp"
