@@ -217,7 +217,7 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument(
         "--seed-baselines",
-        default="shortgpt,window,shortened_ppl",
+        default="shortgpt,window,shortened_ppl,sleb",
         help="baselines whose profiles compete for the search's start ('' = random starts only, as the paper)",
     )
     ap.add_argument("--grans", default="sublayer,block", help="EvoPress granularities to search")
@@ -299,8 +299,10 @@ def main() -> None:
                 save(results)
             log(key, cells[key])
     grans = args.grans.split(",")
-    order = [g for g in ("sublayer", "speed", "sleb", "block") if g in grans or g in ("speed", "sleb")]
-    for gran in order:  # the main row first, then timing, SLEB, the block row
+    # The main row first, then timing, SLEB, the block row; SLEB first when its profile seeds the searches.
+    first = ("sleb", "sublayer") if "sleb" in config.seed_baselines else ("sublayer", "sleb")
+    order = [g for g in (*first, "speed", "block") if g in grans or g in ("speed", "sleb")]
+    for gran in order:
         if gran == "sleb":
             for k in ks:
                 key = f"sleb/k{k}"
