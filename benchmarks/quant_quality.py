@@ -116,8 +116,18 @@ def markdown(results: dict) -> str:
             )
     settings = results.get("settings") or {}
     lines += ["", calibration_line(results, settings.get("calibration_rows"))]
+    if results.get("made_on"):
+        lines += ["", f"made on: {json.dumps(results['made_on'])}"]
     lines += ["", f"settings: {json.dumps(settings)}", ""]
     return "\n".join(lines)
+
+
+def made_on(dtype: str, threads: int) -> dict:
+    """Where the table was made (dtype, device, CPU, torch, threads): the same run is 25x faster elsewhere."""
+    from evopress.device import describe
+
+    torch.set_num_threads(threads)
+    return describe(dtype, "cpu")
 
 
 def _jsonable(config) -> dict:
@@ -277,6 +287,7 @@ def main() -> None:
         "calibration_rows": args.calibration_rows,
         "calibration": data.description,
     }
+    results["made_on"] = made_on(args.dtype, args.threads)
     t = time.perf_counter()
     db = build_database(Path(args.model), data.folder, Path(args.db), db_options)
     results["database"] = {
