@@ -117,7 +117,7 @@ def search(
     layers.csv (and history.csv, checkpoint.json every generation); returns search.json's content.
 
     `seed_files` maps seed baselines to profiles the baselines stage already wrote: those are read, not computed
-    again (the pipeline's DP seed costs as much as a third of the search)."""
+    again (the pipeline's DP seed costs about as much as the search itself)."""
     import json
 
     from evopress.data import load_tokens
@@ -140,7 +140,7 @@ def search(
     comp = make_compressor(method, adapter, target, db=database_of(method, db), options=options)
     ctx = FitnessContext.build(adapter, calibration, topk=compute.topk or None, batch_size=compute.batch_size)
 
-    given = {n: seed_profile(f, method, target, comp, model_dir) for n, f in (seed_files or {}).items()}
+    given = {n: seed_profile(f, method, target, model_dir) for n, f in (seed_files or {}).items()}
 
     def seeds() -> dict:  # on the dense model; the search then applies every unit of its first candidate
         return {
@@ -186,9 +186,8 @@ def search(
     summary = {
         "fitness": profile["fitness"],
         "initial_fitness": state.get("initial_fitness"),  # on initial_tokens
-        "initial_exact_fitness": state.get(
-            "initial_exact_fitness"
-        ),  # on every row (exact last step), or None
+        # on every row (an exact last step), or None
+        "initial_exact_fitness": state.get("initial_exact_fitness"),
         "initial_source": state.get("initial_source"),
         "generations": state["generation"],
         "seconds": round(state["elapsed"], 2),
@@ -202,15 +201,15 @@ def search(
     return summary
 
 
-def seed_profile(path: Path, method: str, target: float, comp, model_dir: Path) -> dict:
+def seed_profile(path: Path, method: str, target: float, model_dir: Path) -> dict:
     """The units of a baseline's profile file, checked to be a start of this search (method, target, model)."""
-    from evopress.profile import model_sha256, read_profile, validate_units
+    from evopress.profile import model_sha256, read_profile
 
     profile = read_profile(path, keys=("method", "target", "units"))
     for key, want in (("method", method), ("target", target), ("model_sha256", model_sha256(model_dir))):
         have = profile.get(key)
         require(have == want, f"seed profile {str(path)!r} has {key} {have!r}, this search needs {want!r}")
-    validate_units(profile["units"], comp)
+    # units and levels: run_search checks every seed (validate_units, budget) before scoring it
     return {u: int(v) for u, v in profile["units"].items()}
 
 
