@@ -175,6 +175,7 @@ PLAN = [
     "prepare_model",
     "prepare_data",
     "build_db@depth",
+    "baselines@depth",
     "search@depth",
     "stitch@depth",
     "evaluate",
@@ -203,14 +204,23 @@ def test_the_flow_creates_every_stage_run_ahead_and_the_ui_lists_them_in_pipelin
     planned = _ui_listing(client, parent)
     assert [r.info.run_name for r in planned] == PLAN
     assert {r.info.status for r in planned} == {"SCHEDULED"}
-    assert [r.data.tags["evopress.order"] for r in planned] == ["1", "2", "3.1", "4.1", "6.1", "7", "8"]
+    assert [r.data.tags["evopress.order"] for r in planned] == [
+        "1",
+        "2",
+        "3.1",
+        "4.1",
+        "5.1",
+        "6.1",
+        "7",
+        "8",
+    ]
     exp = client.get_run(parent).info.experiment_id
     default = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")  # no order_by: the same
     assert [r.info.run_name for r in default] == PLAN
     ids = {r.info.run_name: r.info.run_id for r in planned}
 
     monkeypatch.setenv(tracking.PARENT_ENV, parent)
-    for stage in ("prepare_model", "prepare_data", "build_db@depth"):  # search@depth: up to date
+    for stage in ("prepare_model", "prepare_data", "build_db@depth", "baselines@depth"):  # search: up to date
         with tracking.stage_run(tp, project, stage, {"k": "v"}, ["data/model"]) as run:
             assert run.run_id == ids[stage]
             assert client.get_run(run.run_id).info.status == "RUNNING"
@@ -229,7 +239,8 @@ def test_the_flow_creates_every_stage_run_ahead_and_the_ui_lists_them_in_pipelin
     assert [r.info.run_name for r in runs] == PLAN  # still one run per stage, still in pipeline order
     status = {r.info.run_name: r.info.status for r in runs}
     assert status == {
-        **dict.fromkeys(["prepare_model", "prepare_data", "build_db@depth", "stitch@depth"], "FINISHED"),
+        **dict.fromkeys(["prepare_model", "prepare_data", "build_db@depth", "baselines@depth"], "FINISHED"),
+        "stitch@depth": "FINISHED",
         "search@depth": "FINISHED",
         "evaluate": "FAILED",
         "report": "KILLED",
@@ -243,12 +254,19 @@ def test_the_flow_creates_every_stage_run_ahead_and_the_ui_lists_them_in_pipelin
     assert tags["report"]["evopress.not_run"] == "true" and "not run" in tags["report"]["mlflow.note.content"]
     # What ran: the runs that executed their stage (the report and the tests read these)
     executed = {r.data.tags["evopress.stage"] for r in tracking.stage_runs(tp, project, parent=parent)}
-    assert executed == {"prepare_model", "prepare_data", "build_db@depth", "stitch@depth", "evaluate"}
+    assert executed == {
+        "prepare_model",
+        "prepare_data",
+        "build_db@depth",
+        "baselines@depth",
+        "stitch@depth",
+        "evaluate",
+    }
     assert len(tracking.stage_runs(tp, project, parent=parent, planned=True)) == len(PLAN)
     note = client.get_run(parent).data.tags["mlflow.note.content"]
     row = next(line for line in note.splitlines() if "| search@depth |" in line)
     assert "up to date: outputs of" in row and earlier.run_id in row
-    assert client.get_run(parent).data.metrics["stages_ran"] == 5.0
+    assert client.get_run(parent).data.metrics["stages_ran"] == 6.0
     # The producer of p1 is still the earlier run, for the next stage that reads it
     assert (
         tracking.producer(client, exp, "runs/search/depth/profile.json", "p1").info.run_id == earlier.run_id
