@@ -323,5 +323,12 @@ def quality_tables(results: dict, levels: list[tuple[str, str]], rows: list[Row]
     return lines
 
 
-def calibration_line(results: dict, rows: int) -> str:
-    return f"calibration: {results.get('data', {}).get('calibration')}, {rows} rows sampled"
+def calibration_line(results: dict, rows: int, span: list[int] | None = None) -> str:
+    """Where the searches and baselines were scored; `span` = [first, end) when it is not the first rows."""
+    where = f"{rows} rows sampled"
+    if span and span[0] > 0:
+        where = (
+            f"{rows} rows sampled (rows {span[0]}..{span[1] - 1}; the level databases were fitted on rows "
+            f"0..{span[0] - 1})"
+        )
+    return f"calibration: {results.get('data', {}).get('calibration')}, {where}"

@@ -47,6 +47,7 @@ from evopress.adapter import ModelAdapter
 from evopress.baselines.sparsity import BASELINES
 from evopress.compressors.sparsity import build_database, make
 from evopress.data import load_tokens
+from evopress.errors import require
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.models import load_model
 from evopress.search import FitnessContext, SearchConfig, run_search
@@ -120,7 +121,7 @@ def markdown(results: dict) -> str:
     owl = {t: cells.get(f"owl/{t}", {}).get("choice") for t in targets}
     lines += ["", f"OWL lambda/M picked on calibration KL: {json.dumps(owl)}"]
     settings = results.get("settings") or {}
-    lines += ["", calibration_line(results, settings.get("calibration_rows"))]
+    lines += ["", calibration_line(results, settings.get("calibration_rows"), settings.get("fitness_rows"))]
     lines += ["", f"settings: {json.dumps(settings)}", ""]
     return "\n".join(lines)
 
@@ -237,6 +238,13 @@ def search_on_sequential_database(args, results, adapter, ctx, sets, dense_weigh
     record(results, key, metrics, started)
 
 
+def fitness_slice(args) -> list[int]:
+    """[first, end) of the calibration rows the searches and baselines score: after the databases' own rows
+    (`--fitness-rows unseen`) or from the first."""
+    first = args.n_samples if args.fitness_rows == "unseen" else 0
+    return [first, first + args.calibration_rows]
+
+
 def _log(info) -> None:
     if info.generation % 5 == 0:
         print(f"  generation {info.generation}: KL {info.fitness:.4f} ({info.seconds:.1f}s)", flush=True)
@@ -279,6 +287,13 @@ def parse_args() -> argparse.Namespace:
         choices=["dense", "uniform"],
         help="uniform: only the EvoPress row, on a database built from uniformly pruned inputs",
     )
+    ap.add_argument(
+        "--fitness-rows",
+        default="unseen",
+        choices=["unseen", "all"],
+        help="unseen: search and baselines score the calibration rows after the databases' n_samples (SparseGPT "
+        "fits its levels to its own rows, which flatters them there); all: from the first row",
+    )
     ap.add_argument("--owl-lambdas", default="0.02,0.05,0.08,0.1,0.15,0.2")
     ap.add_argument("--owl-ms", default="3,5,7,10")
     args = ap.parse_args()
@@ -308,7 +323,9 @@ def main() -> None:
     data = calibration_data(args.calibration, args.model, args.bench_data, args.heldout_rows)
     args.data = data.folder  # the databases' Hessians come from the same calibration rows as the search
     args.db_root = args.db_root or db_root(args.bench_data, data)
-    args.runs = args.runs or Path(args.bench_data) / "search" / data.tag
+    args.runs = args.runs or Path(args.bench_data) / "search" / (
+        data.tag if args.fitness_rows == "all" else f"{data.tag}-unseen"
+    )
     sets, note = heldout_sets(args, data)
     results = adopt_data(load_results(), OUT_JSON, data, sets, note, EMPTY)
     results["targets"] = sorted(set(results.get("targets", [])) | set(targets))
@@ -318,6 +335,7 @@ def main() -> None:
         "dtype": args.dtype,
         "baseline_tokens": args.baseline_tokens,
         "calibration_rows": args.calibration_rows,
+        "fitness_rows": fitness_slice(args),
         "calibration": data.description,
         "owl_grid": {"lambdas": args.owl_lambdas, "ms": args.owl_ms},
     }
@@ -330,7 +348,13 @@ def main() -> None:
     }
     calibration = load_tokens(data.folder, "calibration")
     t0 = time.perf_counter()
-    ctx = FitnessContext.build(adapter, calibration[: args.calibration_rows], topk=512)
+    first, end = fitness_slice(args)
+    require(
+        end <= len(calibration),
+        f"--calibration-rows {args.calibration_rows} after the databases' {first} rows needs {end} calibration "
+        f"rows; {data.folder} has {len(calibration)}",
+    )
+    ctx = FitnessContext.build(adapter, calibration[first:end], topk=512)
     build_references(adapter, sets)
     print(f"dense references built in {time.perf_counter() - t0:.0f}s", flush=True)
     if missing(results["cells"].get("dense"), sets):

@@ -12,9 +12,18 @@ import typer
 
 from evopress.cli_app import RAY_ADDRESS, THREADS, WORKERS, app
 from evopress.config import ComputeConfig, SearchConfig, parse_int_list, parse_option_pairs, parse_token_steps
+from evopress.fitness_rows import check_fitness_rows
 from evopress.layout import METRICS
 from evopress.layout import MODEL as MODEL_DIR
 from evopress.layout import TEXT as TEXT_DIR
+
+
+def parse_fitness_rows(text: str) -> int | str:
+    """--fitness-rows: all | unseen | a number of rows (checked against the data by the stage)."""
+    text = text.strip()
+    value = int(text) if text.isdigit() else text
+    check_fitness_rows(value)
+    return value
 
 
 def progress_line(total: int):
@@ -38,6 +47,11 @@ MODEL = typer.Option(Path(MODEL_DIR), help="prepared model folder")
 DATA = typer.Option(Path(TEXT_DIR), help="prepared token sets (calibration / heldout)")
 DB = typer.Option(None, help="level database folder (sparsity, quantization)")
 OPTION = typer.Option(None, "--option", help="method option key=value (repeatable), e.g. granularity=block")
+FITNESS_ROWS = typer.Option(
+    "all",
+    help="calibration rows scored: all | unseen (after the database's n_samples: rows it was not fitted on) | N "
+    "(the first N)",
+)
 DTYPE = typer.Option(
     C.dtype,
     help="auto | float32 | bfloat16 | float16 for the forward passes (auto: bfloat16 where native, else float32)",
@@ -72,6 +86,7 @@ def search_cmd(
     batch_size: int = typer.Option(C.batch_size, help="sequences per forward"),
     dtype: str = DTYPE,
     prefix_reuse: bool = typer.Option(S.prefix_reuse, help="start children at the first block they change"),
+    fitness_rows: str = FITNESS_ROWS,
     out: Path = typer.Option(
         Path("runs/search"), help="folder for profile.json, history.csv, checkpoint.json"
     ),
@@ -114,6 +129,7 @@ def search_cmd(
         config,
         compute,
         on_generation=progress_line(generations),
+        fitness_rows=parse_fitness_rows(fitness_rows),
     )
     if summary["initial_source"] != "uniform":
         typer.echo(
@@ -142,6 +158,7 @@ def baseline_cmd(
     topk: int = typer.Option(C.topk, help="dense top-K kept for KL-based baselines"),
     batch_size: int = typer.Option(C.batch_size, help="sequences per forward"),
     dtype: str = DTYPE,
+    fitness_rows: str = FITNESS_ROWS,
     out: Path = typer.Option(Path("runs/baseline"), help="folder for profile.json"),
 ) -> None:
     """Make a baseline profile at the target budget, in the same format as a searched one."""
@@ -149,7 +166,10 @@ def baseline_cmd(
 
     compute = ComputeConfig(dtype=dtype, batch_size=batch_size, topk=topk).validate("compute")
     options = parse_option_pairs(option)
-    profile = baseline(method, name, model, data, db, out, target, options, compute, seed=seed, tokens=tokens)
+    profile = baseline(
+        method, name, model, data, db, out, target, options, compute, seed=seed, tokens=tokens,
+        fitness_rows=parse_fitness_rows(fitness_rows),
+    )  # fmt: skip
     typer.echo(f"profile -> {out / 'profile.json'} ({name}, budget {profile['budget']})")
 
 

@@ -143,6 +143,7 @@ class Layout:
                 *_COMPRESSOR,
                 *_SCORING,
                 "evopress/device.py",
+                "evopress/fitness_rows.py",
                 "evopress/search.py",
                 "evopress/workers.py",
                 f"evopress/baselines/{m}.py",
@@ -153,6 +154,7 @@ class Layout:
                 *_COMPRESSOR,
                 *_SCORING,
                 "evopress/device.py",
+                "evopress/fitness_rows.py",
                 f"evopress/baselines/{m}.py",
                 *method,
             ],
@@ -164,6 +166,7 @@ class Layout:
                 "evopress/artifact.py",
                 "evopress/device.py",
                 "evopress/evaluate.py",
+                "evopress/fitness_rows.py",
                 "evopress/search.py",  # evopress.stages imports it (evaluate stitches baselines with stages.stitch)
                 "evopress/workers.py",
                 "evopress/zero_shot.py",

@@ -17,6 +17,7 @@ import yaml
 from evopress.config import DTYPES, ComputeConfig, SearchConfig, from_tree
 from evopress.data import DataSpec, validate_spec
 from evopress.errors import UserError, require
+from evopress.fitness_rows import UNSEEN, row_span
 from evopress.methods import METHODS, baselines, check_settings, check_stitch_options
 from evopress.zero_shot import LmEvalParams
 
@@ -38,6 +39,9 @@ class MethodParams:
     baselines: list[str] = field(default_factory=list)
     baseline_tokens: int = 2048
     baseline_seed: int = 0
+    # Calibration rows the search and the baselines score: all | unseen (after the database's n_samples) | N
+    # (the first N); evopress/fitness_rows.py says why unseen.
+    fitness_rows: int | str = "all"
     stitch: dict[str, typing.Any] = field(
         default_factory=dict
     )  # the stitched folder's format (stitch options)
@@ -74,16 +78,17 @@ class Params:
 
 # --- rules on values (the same ones the stages apply: check-params rejects what a stage would) --------------------
 def _in_key(key: str, check, *args) -> None:
-    """Run a library check, prefixing its one-line error with the params key it is about."""
+    """Run a library check, prefixing its one-line error with the params key it is about; returns its result."""
     try:
-        check(*args)
+        return check(*args)
     except UserError as err:
         raise UserError(f"{key}: {err}") from err
 
 
-def check_method(name: str, m: MethodParams, calibration_tokens: int) -> None:
+def check_method(name: str, m: MethodParams, data: DataSpec) -> None:
     key = f"methods.{name}"
     require(name in METHODS, f"unknown method {key!r}; allowed: {', '.join(METHODS)}")
+    calibration_tokens = _fitness_rows(key, name, m, data) * data.seq_len
     m.search.validate(f"{key}.search", calibration_tokens)
     allowed = baselines(name)
     for b in m.search.seed_baselines:
@@ -92,7 +97,8 @@ def check_method(name: str, m: MethodParams, calibration_tokens: int) -> None:
         require(b in allowed, f"{key}.baselines: unknown {b!r}; allowed: {', '.join(allowed)}")
     require(
         1 <= m.baseline_tokens <= calibration_tokens,
-        f"{key}.baseline_tokens {m.baseline_tokens} is outside 1..{calibration_tokens} (the calibration set's size)",
+        f"{key}.baseline_tokens {m.baseline_tokens} is outside 1..{calibration_tokens} (the tokens of the "
+        "calibration rows it scores)",
     )
     if name == "depth":
         require(not m.database, f"{key}.database: method {name!r} has no level database; remove the key")
@@ -100,11 +106,21 @@ def check_method(name: str, m: MethodParams, calibration_tokens: int) -> None:
     _in_key(f"{key}.stitch", check_stitch_options, name, m.stitch)
 
 
+def _fitness_rows(key: str, name: str, m: MethodParams, data: DataSpec) -> int:
+    """How many calibration rows the method's search and baselines score (`fitness_rows`), checked as far as the
+    params tell (unseen with the database's default n_samples: the stage checks it against the built database)."""
+    n_database = None if name == "depth" else m.database.get("n_samples")
+    if m.fitness_rows == UNSEEN and n_database is None and name != "depth":
+        return data.n_calibration
+    first, end = _in_key(f"{key}.fitness_rows", row_span, m.fitness_rows, data.n_calibration, n_database)
+    return end - first
+
+
 def check(params: Params) -> Params:
     require(bool(params.methods), "methods: name at least one method (depth, sparsity, quantization)")
     validate_spec(params.data)
     for name, m in params.methods.items():
-        check_method(name, m, params.calibration_tokens)
+        check_method(name, m, params.data)
     require(
         params.model.dtype in DTYPES and params.model.dtype != "auto",
         f"model.dtype {params.model.dtype!r}; allowed: {', '.join(t for t in DTYPES if t != 'auto')}",
@@ -126,6 +142,7 @@ DVC_METHOD_KEYS = (
     "baselines",
     "baseline_tokens",
     "baseline_seed",
+    "fitness_rows",
     "stitch",
 )
 

@@ -179,6 +179,7 @@ def search(p: Params, layout: Layout, m: str, log, on_generation=None) -> StageR
         p.compute,
         on_generation,
         seed_files,
+        mp.fitness_rows,
     )
     log(
         f"profile -> {out / 'profile.json'} (fitness KL {summary['fitness']}, from {summary['initial_source']})"
@@ -208,7 +209,7 @@ def baselines(p: Params, layout: Layout, m: str, log) -> StageResult:
         t0 = time.perf_counter()
         profile = stages.baseline(
             m, name, layout.model, layout.text, layout.db(m), out / name, mp.target, mp.options, p.compute,
-            seed=mp.baseline_seed, tokens=mp.baseline_tokens,
+            seed=mp.baseline_seed, tokens=mp.baseline_tokens, fitness_rows=mp.fitness_rows,
         )  # fmt: skip
         log(f"baseline {name}: budget {profile['budget']}")
         result.metrics[f"{name}_seconds"] = time.perf_counter() - t0

@@ -112,6 +112,7 @@ def search(
     compute: ComputeConfig,
     on_generation: Callable | None = None,
     seed_files: dict[str, Path] | None = None,
+    fitness_rows: int | str = "all",
 ) -> dict:
     """Search a profile at the target; resumes from `out`'s checkpoint. Writes profile.json, search.json,
     layers.csv (and history.csv, checkpoint.json every generation); returns search.json's content.
@@ -122,6 +123,7 @@ def search(
 
     from evopress.data import load_tokens
     from evopress.device import describe, resolve_device
+    from evopress.fitness_rows import fitness_tokens
     from evopress.methods import check_settings, get_baseline, make_compressor
     from evopress.profile import make_profile, model_sha256, save_profile, write_layers_csv
     from evopress.scoring import FitnessContext
@@ -134,7 +136,7 @@ def search(
     require_apart(out, folders={"model": model_dir, "data": text_dir, "database": db})
     for name in config.seed_baselines:
         get_baseline(method, name)  # an unknown name fails before the model loads
-    calibration = load_tokens(text_dir, "calibration")
+    calibration = fitness_tokens(load_tokens(text_dir, "calibration"), fitness_rows, database_of(method, db))
     config.validate("search", calibration.numel())
     adapter = load_adapter(model_dir, compute.dtype, resolve_device(compute.device))
     comp = make_compressor(method, adapter, target, db=database_of(method, db), options=options)
@@ -225,10 +227,13 @@ def baseline(
     compute: ComputeConfig,
     seed: int = 0,
     tokens: int = 2048,
+    fitness_rows: int | str = "all",
 ) -> dict:
-    """A baseline's profile at the target, in the same format as a searched one; returns the profile file."""
+    """A baseline's profile at the target, in the same format as a searched one; returns the profile file.
+    It scores `tokens` from the start of the rows `fitness_rows` names (the search's rows)."""
     from evopress.data import load_tokens
     from evopress.device import resolve_device
+    from evopress.fitness_rows import fitness_tokens
     from evopress.methods import check_settings, get_baseline, make_compressor
     from evopress.profile import make_profile, model_sha256, save_profile
     from evopress.scoring import FitnessContext
@@ -237,10 +242,10 @@ def baseline(
     check_settings(method, target, options, {})
     make_baseline = get_baseline(method, name)
     require_apart(out, folders={"model": model_dir, "data": text_dir, "database": db})
-    calibration = load_tokens(text_dir, "calibration")
+    calibration = fitness_tokens(load_tokens(text_dir, "calibration"), fitness_rows, database_of(method, db))
     require(
         1 <= tokens <= calibration.numel(),
-        f"baseline tokens {tokens} is outside 1..{calibration.numel()} (the calibration set's size)",
+        f"baseline tokens {tokens} is outside 1..{calibration.numel()} (the calibration rows it scores)",
     )
     adapter = load_adapter(model_dir, compute.dtype, resolve_device(compute.device))
     comp = make_compressor(method, adapter, target, db=database_of(method, db), options=options)

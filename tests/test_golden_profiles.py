@@ -55,7 +55,14 @@ METHODS = {
 
 def params_tree() -> dict:
     methods = {
-        m: {**v, "baselines": [], "baseline_tokens": 128, "baseline_seed": 0, "stitch": {}}
+        m: {
+            **v,
+            "baselines": [],
+            "baseline_tokens": 128,
+            "baseline_seed": 0,
+            "fitness_rows": "all",
+            "stitch": {},
+        }
         for m, v in METHODS.items()
     }
     return {

@@ -119,6 +119,22 @@ RULES = [
     ("model.dtype", "auto", "model.dtype 'auto'; allowed: float32"),
     ("data.n_calibration", 0, "data.n_calibration must be >= 1"),
     ("methods", {}, "methods: name at least one method"),
+    (
+        "methods.depth.fitness_rows",
+        "unseen",
+        "methods.depth.fitness_rows: fitness_rows 'unseen' needs a level",
+    ),
+    ("methods.depth.fitness_rows", "some", "fitness_rows 'some'; allowed: all, unseen or a number of rows"),
+    ("methods.depth.fitness_rows", 0, "methods.depth.fitness_rows: fitness_rows 0: a number of rows must be"),
+    ("methods.depth.fitness_rows", 17, "fitness_rows 17 is more than the 16 calibration rows"),
+    ("methods.depth.fitness_rows", 1, "initial_tokens 256 exceeds the calibration set's 128 tokens"),
+    (
+        "methods.sparsity.database",
+        {"num_levels": 1, "n_samples": 16},
+        "methods.sparsity.fitness_rows: fitness_rows 'unseen': the database was fitted on 16 of the 16",
+    ),
+    # unseen leaves 12 of 16 rows of 128 tokens to the quantization baselines
+    ("methods.quantization.baseline_tokens", 1600, "baseline_tokens 1600 is outside 1..1536"),
 ]
 
 
