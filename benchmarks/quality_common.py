@@ -29,6 +29,7 @@ import torch
 
 from evopress.config import ALL, parse_token_steps
 from evopress.data import DataSpec, load_tokens
+from evopress.errors import require
 from evopress.fitness import DenseReference, perplexity_and_kl
 from evopress.io import atomic_write_json, sha256_file
 
@@ -36,8 +37,8 @@ DEFAULT_MIX = {"builtin:pydoc": 0.5, "builtin:docstrings": 0.5}
 BENCH_DATA = Path("data/benchmarks")
 SEQ_LEN = 512
 HELDOUT_ROWS = 32  # 16K tokens: the smallest held-out set whose differences between methods we trust
-# Calibration rows prepared for a source or mix: the most a quality script samples (sparsity and quantization
-# search on 64; their databases take the first 32).
+# Calibration rows prepared for a source or mix: the databases take the first 32, and the sparsity and
+# quantization searches score the other 32 (--fitness-rows unseen).
 CALIBRATION_ROWS = 64
 PREPARED = "benchmark_data.json"  # the model and spec a prepared folder was made for
 TOPK = 512
@@ -321,6 +322,42 @@ def quality_tables(results: dict, levels: list[tuple[str, str]], rows: list[Row]
     if results.get("second_corpus"):
         lines += [f"Second domain ({SECOND}): {results['second_corpus']}", ""]
     return lines
+
+
+def add_fitness_rows_argument(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--fitness-rows",
+        default="unseen",
+        choices=["unseen", "all"],
+        help="unseen: searches and baselines score the calibration rows after the databases' n_samples (GPTQ and "
+        "SparseGPT fit their levels to their own rows, which flatters them there); all: from the first row",
+    )
+
+
+def fitness_span(setting: str, n_database: int, rows: int, available: int) -> list[int]:
+    """[first, end) of the calibration rows searches and baselines score, checked against what is prepared."""
+    first = n_database if setting == "unseen" else 0
+    require(
+        first + rows <= available,
+        f"--calibration-rows {rows} after the databases' {first} rows needs {first + rows} calibration rows; "
+        f"{available} are prepared",
+    )
+    return [first, first + rows]
+
+
+def drop_cells_scored_elsewhere(results: dict, span: list[int], data_free: tuple[str, ...]) -> bool:
+    """Cells whose profile was chosen on other calibration rows are measured again (`data_free` ones are kept:
+    dense, and baselines that score no calibration row); True when the rows changed."""
+    before = (results.get("settings") or {}).get("fitness_rows")
+    if before == span:
+        return False
+    dropped = [k for k in results["cells"] if k.split("/")[0] not in data_free]
+    for key in dropped:
+        del results["cells"][key]
+    if dropped:
+        print(
+            f"calibration rows {before} -> {span}: measuring {', '.join(sorted(dropped))} again", flush=True
+        )
 
 
 def calibration_line(results: dict, rows: int, span: list[int] | None = None) -> str:

@@ -14,7 +14,8 @@ data/benchmarks/search/<calibration>/quant-<target>-<settings>, the DP's per-lay
 finished cells are skipped. Settings are scaled for a shared 2-core CPU (see --help and the json's "settings"):
 one GPTQ database at 2..6 bits, group size 64, Hessians from 32 x 512 calibration tokens, inputs propagated at
 3 bits; search: 8 offspring, selection on 512 tokens then on every calibration row (exact), bfloat16 forward;
-DP errors on 1024 tokens.
+DP errors on 1024 tokens. The database is fitted on calibration rows 0..31; the searches and DP score rows
+32..63 (--fitness-rows unseen: scored on its own rows, every GPTQ level looks better than it is).
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ import torch
 from quality_common import (
     Row,
     add_data_arguments,
+    add_fitness_rows_argument,
     adopt_data,
     build_references,
     calibration_data,
     calibration_line,
     describe,
+    drop_cells_scored_elsewhere,
+    fitness_span,
     heldout_sets,
     measure,
     missing,
@@ -236,8 +240,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument(
-        "--calibration-rows", type=int, default=64, help="calibration sequences the search samples"
+        "--calibration-rows", type=int, default=32, help="calibration sequences the search samples"
     )
+    add_fitness_rows_argument(ap)
     ap.add_argument("--check-packed", type=float, default=3.0, help="target whose packed folder is reloaded")
     ap.add_argument("--out", default=str(OUT_JSON))
     ap.add_argument(
@@ -262,7 +267,10 @@ def place_outputs(args, data) -> None:
     """Database, checkpoints and stitched models per calibration set: none of them records the text it came from."""
     root = Path(args.bench_data)
     args.db = args.db or str(root / "db" / data.tag / "quantization")
-    args.runs = args.runs or str(root / "search" / data.tag)
+    # searches and DP profiles per calibration rows too: a profile chosen on other rows is another result
+    args.runs = args.runs or str(
+        root / "search" / (data.tag if args.fitness_rows == "all" else f"{data.tag}-unseen")
+    )
     args.stitched = args.stitched or str(root / "stitched" / data.tag)
 
 
@@ -278,6 +286,10 @@ def main() -> None:
     sets, note = heldout_sets(args, data)
     results = adopt_data(load_results(), OUT_JSON, data, sets, note, EMPTY)
     results["targets"] = sorted(set(results.get("targets", [])) | set(targets))
+    prepared = len(load_tokens(data.folder, "calibration"))
+    span = fitness_span(args.fitness_rows, args.n_samples, args.calibration_rows, prepared)
+    if drop_cells_scored_elsewhere(results, span, data_free=("dense", "uniform")):
+        results.pop("dp_layer_errors", None)  # measured on the old rows
     results["settings"] = {
         "search": _jsonable(args.config),
         "database": db_options,
@@ -285,6 +297,7 @@ def main() -> None:
         "dp_tokens": args.dp_tokens,
         "dp_seq": args.dp_seq,
         "calibration_rows": args.calibration_rows,
+        "fitness_rows": span,
         "calibration": data.description,
     }
     results["made_on"] = made_on(args.dtype, args.threads)
@@ -310,9 +323,10 @@ def main() -> None:
         for i in range(adapter.num_blocks)
         for name, lin in adapter.linears(i).items()
     }
-    args.calibration_tokens = load_tokens(data.folder, "calibration")
+    # The rows the searches and DP score: after the database's own rows (--fitness-rows unseen) or from the first.
+    args.calibration_tokens = load_tokens(data.folder, "calibration")[slice(*span)]
     t0 = time.perf_counter()
-    ctx = FitnessContext.build(adapter, args.calibration_tokens[: args.calibration_rows], topk=512)
+    ctx = FitnessContext.build(adapter, args.calibration_tokens, topk=512)
     build_references(adapter, sets)
     print(f"dense references built in {time.perf_counter() - t0:.0f}s", flush=True)
     if missing(results["cells"].get("dense"), sets):

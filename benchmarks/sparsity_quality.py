@@ -15,7 +15,8 @@ data/benchmarks/db/<calibration>/), searches checkpoint every generation (data/b
 finished cells are kept in the json and skipped. Settings are scaled for a shared 2-core CPU (see --help and the
 json's "settings"): 5 levels per linear (num_levels=2, the authors' span 0.5*min(s,1-s)*hidden^2 on each side),
 Hessians from 32 x 512 calibration tokens, 8 offspring, selection on 256 tokens then on every calibration row
-(exact), 30 generations, dtype auto (float32 on this CPU: its bfloat16 is slow).
+(exact), 30 generations, dtype auto (bfloat16 where native). The databases are fitted on calibration rows 0..31;
+the searches and the baselines score rows 32..63 (--fitness-rows unseen).
 """
 
 from __future__ import annotations
@@ -31,11 +32,14 @@ import torch
 from quality_common import (
     Row,
     add_data_arguments,
+    add_fitness_rows_argument,
     adopt_data,
     build_references,
     calibration_data,
     calibration_line,
     describe,
+    drop_cells_scored_elsewhere,
+    fitness_span,
     heldout_sets,
     measure,
     missing,
@@ -47,7 +51,6 @@ from evopress.adapter import ModelAdapter
 from evopress.baselines.sparsity import BASELINES
 from evopress.compressors.sparsity import build_database, make
 from evopress.data import load_tokens
-from evopress.errors import require
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.models import load_model
 from evopress.search import FitnessContext, SearchConfig, run_search
@@ -238,13 +241,6 @@ def search_on_sequential_database(args, results, adapter, ctx, sets, dense_weigh
     record(results, key, metrics, started)
 
 
-def fitness_slice(args) -> list[int]:
-    """[first, end) of the calibration rows the searches and baselines score: after the databases' own rows
-    (`--fitness-rows unseen`) or from the first."""
-    first = args.n_samples if args.fitness_rows == "unseen" else 0
-    return [first, first + args.calibration_rows]
-
-
 def _log(info) -> None:
     if info.generation % 5 == 0:
         print(f"  generation {info.generation}: KL {info.fitness:.4f} ({info.seconds:.1f}s)", flush=True)
@@ -275,7 +271,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--n-samples", type=int, default=DB_OPTIONS["n_samples"])
     ap.add_argument("--dtype", default="auto")
     ap.add_argument(
-        "--calibration-rows", type=int, default=64, help="calibration sequences the search samples"
+        "--calibration-rows", type=int, default=32, help="calibration sequences the search samples"
     )
     ap.add_argument("--out", default=str(OUT_JSON))
     ap.add_argument(
@@ -287,13 +283,7 @@ def parse_args() -> argparse.Namespace:
         choices=["dense", "uniform"],
         help="uniform: only the EvoPress row, on a database built from uniformly pruned inputs",
     )
-    ap.add_argument(
-        "--fitness-rows",
-        default="unseen",
-        choices=["unseen", "all"],
-        help="unseen: search and baselines score the calibration rows after the databases' n_samples (SparseGPT "
-        "fits its levels to its own rows, which flatters them there); all: from the first row",
-    )
+    add_fitness_rows_argument(ap)
     ap.add_argument("--owl-lambdas", default="0.02,0.05,0.08,0.1,0.15,0.2")
     ap.add_argument("--owl-ms", default="3,5,7,10")
     args = ap.parse_args()
@@ -329,13 +319,16 @@ def main() -> None:
     sets, note = heldout_sets(args, data)
     results = adopt_data(load_results(), OUT_JSON, data, sets, note, EMPTY)
     results["targets"] = sorted(set(results.get("targets", [])) | set(targets))
+    prepared = len(load_tokens(data.folder, "calibration"))
+    span = fitness_span(args.fitness_rows, args.n_samples, args.calibration_rows, prepared)
+    drop_cells_scored_elsewhere(results, span, data_free=("dense", "uniform", "uniform_seq", "magnitude"))
     results["settings"] = {
         "search": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args.config).items()},
         "database": args.db_options,
         "dtype": args.dtype,
         "baseline_tokens": args.baseline_tokens,
         "calibration_rows": args.calibration_rows,
-        "fitness_rows": fitness_slice(args),
+        "fitness_rows": span,
         "calibration": data.description,
         "owl_grid": {"lambdas": args.owl_lambdas, "ms": args.owl_ms},
     }
@@ -348,12 +341,7 @@ def main() -> None:
     }
     calibration = load_tokens(data.folder, "calibration")
     t0 = time.perf_counter()
-    first, end = fitness_slice(args)
-    require(
-        end <= len(calibration),
-        f"--calibration-rows {args.calibration_rows} after the databases' {first} rows needs {end} calibration "
-        f"rows; {data.folder} has {len(calibration)}",
-    )
+    first, end = results["settings"]["fitness_rows"]
     ctx = FitnessContext.build(adapter, calibration[first:end], topk=512)
     build_references(adapter, sets)
     print(f"dense references built in {time.perf_counter() - t0:.0f}s", flush=True)
