@@ -32,6 +32,8 @@ from quality_common import (
     calibration_line,
     describe,
     heldout_sets,
+    made_on,
+    made_on_lines,
     measure,
     missing,
     quality_tables,
@@ -103,6 +105,7 @@ def markdown(results: dict) -> str:
         f"search settings: {json.dumps(results.get('search_config'))}",
         f"{calibration_line(results, results.get('calibration_rows'))}; baseline tokens: "
         f"{results.get('baseline_tokens')}; dtype {results.get('dtype')}, {results.get('threads')} torch thread(s)",
+        *made_on_lines(results),
         "",
     ]
     return "\n".join(lines)
@@ -274,6 +277,7 @@ def main() -> None:
         dtype=args.dtype,
         threads=args.threads,
         calibration_rows=args.calibration_rows,
+        made_on=made_on(args.dtype, args.threads),
     )
     model, _ = load_model(args.model, dtype=args.dtype)
     adapter = ModelAdapter(model)

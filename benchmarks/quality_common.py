@@ -360,6 +360,19 @@ def drop_cells_scored_elsewhere(results: dict, span: list[int], data_free: tuple
         )
 
 
+def made_on(dtype: str, threads: int) -> dict:
+    """Where the table was made (dtype `auto` resolved, device, CPU, torch, threads): the same run is 25x faster
+    on another machine, and bfloat16 tables differ from float32 ones in the last digits."""
+    from evopress.device import describe
+
+    torch.set_num_threads(threads)
+    return describe(dtype, "cpu")
+
+
+def made_on_lines(results: dict) -> list[str]:
+    return ["", f"made on: {json.dumps(results['made_on'])}"] if results.get("made_on") else []
+
+
 def calibration_line(results: dict, rows: int, span: list[int] | None = None) -> str:
     """Where the searches and baselines were scored; `span` = [first, end) when it is not the first rows."""
     where = f"{rows} rows sampled"

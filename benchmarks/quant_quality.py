@@ -41,6 +41,8 @@ from quality_common import (
     drop_cells_scored_elsewhere,
     fitness_span,
     heldout_sets,
+    made_on,
+    made_on_lines,
     measure,
     missing,
     quality_tables,
@@ -120,18 +122,9 @@ def markdown(results: dict) -> str:
             )
     settings = results.get("settings") or {}
     lines += ["", calibration_line(results, settings.get("calibration_rows"))]
-    if results.get("made_on"):
-        lines += ["", f"made on: {json.dumps(results['made_on'])}"]
+    lines += made_on_lines(results)
     lines += ["", f"settings: {json.dumps(settings)}", ""]
     return "\n".join(lines)
-
-
-def made_on(dtype: str, threads: int) -> dict:
-    """Where the table was made (dtype, device, CPU, torch, threads): the same run is 25x faster elsewhere."""
-    from evopress.device import describe
-
-    torch.set_num_threads(threads)
-    return describe(dtype, "cpu")
 
 
 def _jsonable(config) -> dict:

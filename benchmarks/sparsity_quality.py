@@ -41,6 +41,8 @@ from quality_common import (
     drop_cells_scored_elsewhere,
     fitness_span,
     heldout_sets,
+    made_on,
+    made_on_lines,
     measure,
     missing,
     quality_tables,
@@ -125,6 +127,7 @@ def markdown(results: dict) -> str:
     lines += ["", f"OWL lambda/M picked on calibration KL: {json.dumps(owl)}"]
     settings = results.get("settings") or {}
     lines += ["", calibration_line(results, settings.get("calibration_rows"), settings.get("fitness_rows"))]
+    lines += made_on_lines(results)
     lines += ["", f"settings: {json.dumps(settings)}", ""]
     return "\n".join(lines)
 
@@ -332,6 +335,7 @@ def main() -> None:
         "calibration": data.description,
         "owl_grid": {"lambdas": args.owl_lambdas, "ms": args.owl_ms},
     }
+    results["made_on"] = made_on(args.dtype, torch.get_num_threads())
     model, _ = load_model(args.model, dtype=args.dtype)
     adapter = ModelAdapter(model)
     dense_weights = {
