@@ -112,4 +112,6 @@ def test_search_stage_ends_at_the_golden_profile(workspace, method, monkeypatch)
     want = json.loads(path.read_text())
     assert got["units"] == want["units"]
     assert got["budget"] == want["budget"] and got["target"] == want["target"]
-    assert got["fitness"] == pytest.approx(want["fitness"], rel=1e-4)
+    # float32 kernels differ between CPUs (AVX2, AVX512, AMX): the quantization fitness (KL ~7e-6) came out
+    # 2.5e-4 apart on an AMX machine with the same levels; the levels above are the exact check
+    assert got["fitness"] == pytest.approx(want["fitness"], rel=1e-3)
