@@ -277,6 +277,7 @@ def parse_args() -> argparse.Namespace:
         "--calibration-rows", type=int, default=32, help="calibration sequences the search samples"
     )
     ap.add_argument("--out", default=str(OUT_JSON))
+    ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the json and stop")
     ap.add_argument(
         "--compare-inputs", default="", help="targets at which uniform SparseGPT also runs on pruned inputs"
     )
@@ -311,6 +312,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     _set_out(args.out)
+    if args.report_only:
+        save(load_results())
+        print(markdown(load_results()))
+        return
     torch.manual_seed(0)
     targets = [float(t) for t in args.targets.split(",")]
     data = calibration_data(args.calibration, args.model, args.bench_data, args.heldout_rows)
