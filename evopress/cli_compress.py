@@ -86,6 +86,9 @@ def search_cmd(
     batch_size: int = typer.Option(C.batch_size, help="sequences per forward"),
     dtype: str = DTYPE,
     prefix_reuse: bool = typer.Option(S.prefix_reuse, help="start children at the first block they change"),
+    screen_with_parent: bool = typer.Option(
+        S.screen_with_parent, help="the parent joins the first selection step; children must beat it there"
+    ),
     fitness_rows: str = FITNESS_ROWS,
     out: Path = typer.Option(
         Path("runs/search"), help="folder for profile.json, history.csv, checkpoint.json"
@@ -108,6 +111,7 @@ def search_cmd(
         initial_tokens=initial_tokens,
         seed_baselines=tuple(n.strip() for n in seed_baselines.split(",") if n.strip()),
         prefix_reuse=prefix_reuse,
+        screen_with_parent=screen_with_parent,
     ).validate("search")
     compute = ComputeConfig(
         dtype=dtype,

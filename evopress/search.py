@@ -79,6 +79,12 @@ def make_offspring(comp: Compressor, parent: Profile, n: int, rng: random.Random
     return children
 
 
+def _beating_parent(pool: list, scores: list[float], parent_score: float) -> tuple[list, list[float]]:
+    """The children (and their scores) that score strictly below the parent on the same rows."""
+    kept = [i for i, s in enumerate(scores) if s < parent_score]
+    return [pool[i] for i in kept], [scores[i] for i in kept]
+
+
 # --- checkpoint ----------------------------------------------------------------------------------------------
 def _compressor_id(comp: Compressor) -> dict:
     units = comp.units()
@@ -207,11 +213,23 @@ def run_search(
                 rows = ctx.all_rows() if n_tok == ALL else ctx.sample(rng, n_tok)
                 # On an exact last step the parent's score is the one it won with: no need to score it again.
                 known = state.get("exact_fitness") if last and n_tok == ALL else None
-                if last and known is None:
+                # Only a parent scored the way the last step scores it can end a generation early: the uniform
+                # start (never scored) or a start scored on the initial sample first gets its last-step score.
+                scored = (
+                    state.get("exact_fitness") is not None if config.exact_last_step else fitness is not None
+                )
+                screen = step == 0 and not last and config.screen_with_parent and scored
+                if (last and known is None) or screen:
                     pool = pool + [parent]
                 reuse = parent if (step == 0 and config.prefix_reuse) else None
                 scores = scorer.score(pool, rows, reuse)
                 tokens += len(pool) * len(rows) * ctx.seq_len
+                if screen:
+                    pool, scores = _beating_parent(pool[:-1], scores[:-1], scores[-1])
+                    if not pool:  # no child beats the parent on these rows: the generation ends here
+                        pool, best_score = [parent], fitness
+                        step_seconds.append(time.perf_counter() - ts)
+                        break
                 if last and known is None and n_tok == ALL:  # the start on every row: what the end is held to
                     state.setdefault("initial_exact_fitness", scores[-1])
                 if known is not None:
@@ -228,7 +246,8 @@ def run_search(
                 gen, fitness, improved, state["tokens"], seconds, step_seconds, state["elapsed"]
             )
             row = {k: v for k, v in asdict(info).items() if k != "step_seconds"}
-            row.update({f"step{i + 1}_seconds": round(s, 4) for i, s in enumerate(step_seconds)})
+            padded = step_seconds + [0.0] * (len(config.tokens) - len(step_seconds))  # steps a screen skipped
+            row.update({f"step{i + 1}_seconds": round(s, 4) for i, s in enumerate(padded)})
             state["history"].append(row)
             state.update(generation=gen, parent=parent, fitness=fitness, rng=_rng_state(rng))
             if config.exact_last_step:

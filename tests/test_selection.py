@@ -48,6 +48,7 @@ def test_parent_joins_only_the_last_step_on_the_childrens_rows(setup, monkeypatc
         init="uniform",
         seed=4,
         initial_tokens=64,
+        screen_with_parent=False,  # the authors' selection; screening is tested below
     )
     parents = [comp.initial_profile()]
     result = search_module.run_search(comp, ctx, config)
@@ -107,6 +108,7 @@ def test_last_step_all_scores_every_row_and_the_parent_once(setup, monkeypatch):
         init="uniform",
         seed=2,
         initial_tokens=64,
+        screen_with_parent=False,
     )
     result = search_module.run_search(comp, ctx, config)
     last_steps = calls[1::2]
@@ -138,10 +140,10 @@ def test_a_search_started_at_an_optimum_never_leaves_it(monkeypatch):
     start = min(kl, key=kl.get)
     monkeypatch.setattr(comp, "initial_profile", lambda: comp.profile_from_blocks(list(start)))
 
-    def ends(last_step, seed):
+    def ends(last_step, seed, screen=True):
         config = SearchConfig(
             generations=6, offspring=6, survivors=(3, 1), tokens=(32, last_step), init="uniform", seed=seed,
-            initial_tokens=32,
+            initial_tokens=32, screen_with_parent=screen,
         )  # fmt: skip
         result = search_module.run_search(comp, ctx, config)
         return tuple(comp.removed_blocks(result.profile)["block"]), result.fitness
@@ -149,7 +151,62 @@ def test_a_search_started_at_an_optimum_never_leaves_it(monkeypatch):
     for seed in range(3):
         removed, fitness = ends("all", seed)
         assert removed == start and fitness == pytest.approx(kl[start], rel=1e-9)
-    assert any(ends(32, seed)[0] != start for seed in range(3))
+    assert any(ends(32, seed, screen=False)[0] != start for seed in range(3))
+
+
+def test_screening_ends_a_generation_whose_children_all_lose_to_the_parent(setup, monkeypatch):
+    """screen_with_parent: the parent is scored with its children on the first step's rows; a generation where no
+    child beats it there makes no further step. Started at the best profile of a first step that covers every
+    row, no child can beat it, so each generation is one scoring call, and the search ends where it started."""
+    import itertools
+
+    adapter, ctx = setup
+    comp = make(adapter, 2, options={"granularity": "block"})
+    kl = {}
+    for removed in itertools.combinations(range(6), 2):
+        comp.apply_profile(comp.profile_from_blocks(list(removed)))
+        kl[removed] = ctx.kl(ctx.all_rows())
+    start = min(kl, key=kl.get)
+    monkeypatch.setattr(comp, "initial_profile", lambda: comp.profile_from_blocks(list(start)))
+    calls = []
+    real = workers_module.score_pool
+
+    def recording(ctx_, live, pool, rows, parent):
+        calls.append({"pool": [dict(p) for p in pool], "rows": rows.tolist()})
+        return real(ctx_, live, pool, rows, parent)
+
+    monkeypatch.setattr(workers_module, "score_pool", recording)
+
+    def run(first_step):
+        calls.clear()
+        config = SearchConfig(
+            generations=5, offspring=4, survivors=(2, 1), tokens=(first_step, "all"), init="uniform",
+            initial_tokens=ctx.total_tokens, seed=0,
+        )  # fmt: skip
+        result = search_module.run_search(comp, ctx, config)
+        return result, list(calls)
+
+    result, steps = run(ctx.total_tokens)
+    # generation 1 scores the unscored start in its last step (2 calls); generations 2-5 stop after the first
+    assert [len(c["pool"]) for c in steps] == [4, 2 + 1] + [4 + 1] * 4
+    assert all(c["pool"][-1] == result.profile for c in steps[1:])
+    assert tuple(comp.removed_blocks(result.profile)["block"]) == start
+    assert [h["fitness"] for h in result.history] == [pytest.approx(kl[start], rel=1e-9)] * 5
+    # a 32-token first step lets some child past the parent on its sample: that generation goes on to the
+    # exact step, which the parent still wins
+    result, steps = run(32)
+    assert len(steps) > 2 + 4
+    assert tuple(comp.removed_blocks(result.profile)["block"]) == start
+    # a start scored on the initial sample only (here a seed on 32 tokens) gets its exact score in generation 1
+    # before any screen can keep it: the fitness the search reports is the exact KL
+    config = SearchConfig(
+        generations=3, offspring=4, survivors=(2, 1), tokens=(ctx.total_tokens, "all"), init="random",
+        initially_generated=1, initial_tokens=32, seed_baselines=("best",), seed=0,
+    )  # fmt: skip
+    result = search_module.run_search(
+        comp, ctx, config, seeds={"best": comp.profile_from_blocks(list(start))}
+    )
+    assert [h["fitness"] for h in result.history] == [pytest.approx(kl[start], rel=1e-9)] * 3
 
 
 def test_the_start_is_scored_on_every_row_and_the_end_is_no_worse(setup, monkeypatch, tmp_path):
