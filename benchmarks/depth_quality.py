@@ -37,6 +37,7 @@ from quality_common import (
     measure,
     missing,
     quality_tables,
+    screens,
     search_tokens,
 )
 
@@ -81,14 +82,15 @@ def markdown(results: dict) -> str:
     searched = [(key, c) for key, c in cells.items() if key.startswith("evopress_") and "initial_source" in c]
     if searched:
         lines += [
-            "| search | started from | start KL | final KL | generations | tokens per step | s/generation | minutes |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| search | started from | start KL | final KL | generations | tokens per step | parent screens | "
+            "s/generation | minutes |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for key, c in sorted(searched):
             lines.append(
                 f"| {key} | {c['initial_source']} | {c['initial_fitness']:.4f} | {c['fitness']:.4f} | "
                 f"{c['config']['generations']} | {','.join(map(str, c['config']['tokens']))} | "
-                f"{c['median_seconds_per_generation']:.1f} | {c['seconds'] / 60:.1f} |"
+                f"{screens(c['config'])} | {c['median_seconds_per_generation']:.1f} | {c['seconds'] / 60:.1f} |"
             )
     speed = results.get("speed")
     if speed:

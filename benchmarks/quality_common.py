@@ -382,3 +382,9 @@ def calibration_line(results: dict, rows: int, span: list[int] | None = None) ->
             f"0..{span[0] - 1})"
         )
     return f"calibration: {results.get('data', {}).get('calibration')}, {where}"
+
+
+def screens(config: dict) -> str:
+    """A search table's 'parent screens' cell: whether the parent joined the first selection step (searches made
+    before `screen_with_parent` existed ran without it)."""
+    return "yes" if config.get("screen_with_parent") else "no"

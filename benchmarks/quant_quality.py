@@ -46,6 +46,7 @@ from quality_common import (
     measure,
     missing,
     quality_tables,
+    screens,
     search_tokens,
 )
 
@@ -112,13 +113,16 @@ def markdown(results: dict) -> str:
         )
     searched = sorted((k, c) for k, c in cells.items() if k.startswith("evopress/") and "initial_source" in c)
     if searched:
-        lines += ["", "| search | started from | start KL | final KL | generations | s/generation |"]
-        lines.append("| --- | --- | --- | --- | --- | --- |")
+        lines += [
+            "",
+            "| search | started from | start KL | final KL | generations | parent screens | s/generation |",
+        ]
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
         for key, c in searched:
             start = "-" if c["initial_fitness"] is None else f"{c['initial_fitness']:.4f}"
             lines.append(
                 f"| {key} | {c['initial_source']} | {start} | {c['fitness']:.4f} | {c['generations']} | "
-                f"{c['median_seconds_per_generation']:.1f} |"
+                f"{screens(c.get('config', {}))} | {c['median_seconds_per_generation']:.1f} |"
             )
     settings = results.get("settings") or {}
     lines += ["", calibration_line(results, settings.get("calibration_rows"))]

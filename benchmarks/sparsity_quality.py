@@ -46,6 +46,7 @@ from quality_common import (
     measure,
     missing,
     quality_tables,
+    screens,
     search_tokens,
 )
 
@@ -113,15 +114,16 @@ def markdown(results: dict) -> str:
     searched = sorted((k, c) for k, c in cells.items() if k.startswith("evopress"))
     lines += [
         "",
-        "| search | started from | start KL | final KL | generations | offspring | tokens per step |",
+        "| search | started from | start KL | final KL | generations | offspring | tokens per step | parent screens |",
     ]
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, c in searched:
         cfg = c.get("config", {})
         start = c.get("initial_fitness")
         lines.append(
             f"| {key} | {c.get('initial_source', 'uniform')} | {'-' if start is None else f'{start:.4f}'} | "
-            f"{c['fitness']:.4f} | {c['generations']} | {cfg.get('offspring', '-')} | {','.join(map(str, cfg.get('tokens', ['-'])))} |"
+            f"{c['fitness']:.4f} | {c['generations']} | {cfg.get('offspring', '-')} | "
+            f"{','.join(map(str, cfg.get('tokens', ['-'])))} | {screens(cfg)} |"
         )
     owl = {t: cells.get(f"owl/{t}", {}).get("choice") for t in targets}
     lines += ["", f"OWL lambda/M picked on calibration KL: {json.dumps(owl)}"]
