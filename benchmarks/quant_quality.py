@@ -300,7 +300,10 @@ def main() -> None:
     results["made_on"] = made_on(args.dtype, args.threads)
     t = time.perf_counter()
     db = build_database(Path(args.model), data.folder, Path(args.db), db_options)
-    if results.get("database", {}).get("options") not in (None, db.params):  # every row but dense used the old one
+    if results.get("database", {}).get("options") not in (
+        None,
+        db.params,
+    ):  # every row but dense used the old one
         results["cells"] = {k: v for k, v in results["cells"].items() if k == "dense"}
         results.pop("dp_layer_errors", None)
     results["database"] = {
