@@ -198,7 +198,7 @@ class SearchConfig:
     prefix_reuse: bool = True
     # The parent joins the first selection step too, on the same rows as its children (nearly free with prefix
     # reuse: its hidden states are the prefix). Children that do not beat it there are dropped, and a generation
-    # where none does ends without the later, costlier steps: ~2x the generations in the same time when most
+    # where none does ends without the later, costlier steps: ~3x the generations in the same time when most
     # children lose, which is the usual case near a good start.
     screen_with_parent: bool = True
 

@@ -215,10 +215,12 @@ def run_search(
                 known = state.get("exact_fitness") if last and n_tok == ALL else None
                 # Only a parent scored the way the last step scores it can end a generation early: the uniform
                 # start (never scored) or a start scored on the initial sample first gets its last-step score.
-                scored = (
-                    state.get("exact_fitness") is not None if config.exact_last_step else fitness is not None
+                screen = (
+                    step == 0
+                    and not last
+                    and config.screen_with_parent
+                    and (state.get("exact_fitness") if config.exact_last_step else fitness) is not None
                 )
-                screen = step == 0 and not last and config.screen_with_parent and scored
                 if (last and known is None) or screen:
                     pool = pool + [parent]
                 reuse = parent if (step == 0 and config.prefix_reuse) else None

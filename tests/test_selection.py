@@ -4,6 +4,7 @@ rise."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -123,22 +124,26 @@ def test_last_step_all_scores_every_row_and_the_parent_once(setup, monkeypatch):
     assert result.fitness == pytest.approx(ctx.kl(ctx.all_rows()), rel=1e-12)
 
 
-def test_a_search_started_at_an_optimum_never_leaves_it(monkeypatch):
-    """Start at the brute-force optimum (a local optimum for every move): with an exact last step the search
-    cannot walk away from it, whatever its small first-step samples say. The control, the same searches with a
-    32-token last step, does walk away: the rows decide, not the code path."""
-    import itertools
-
-    adapter = ModelAdapter(tiny_llama(num_layers=8, seed=3))
-    tokens = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(11))
-    ctx = FitnessContext.build(adapter, tokens, topk=None)
-    comp = make(adapter, 3, options={"granularity": "block"})
+def start_at_the_optimum(comp, ctx, monkeypatch) -> tuple[dict, tuple]:
+    """KL on every row of each way to remove comp's k blocks, and the best of them made comp's initial profile."""
     kl = {}
-    for removed in itertools.combinations(range(8), 3):
+    for removed in itertools.combinations(range(ctx.adapter.num_blocks), comp.k):
         comp.apply_profile(comp.profile_from_blocks(list(removed)))
         kl[removed] = ctx.kl(ctx.all_rows())
     start = min(kl, key=kl.get)
     monkeypatch.setattr(comp, "initial_profile", lambda: comp.profile_from_blocks(list(start)))
+    return kl, start
+
+
+def test_a_search_started_at_an_optimum_never_leaves_it(monkeypatch):
+    """Start at the brute-force optimum (a local optimum for every move): with an exact last step the search
+    cannot walk away from it, whatever its small first-step samples say. The control, the same searches with a
+    32-token last step, does walk away: the rows decide, not the code path."""
+    adapter = ModelAdapter(tiny_llama(num_layers=8, seed=3))
+    tokens = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(11))
+    ctx = FitnessContext.build(adapter, tokens, topk=None)
+    comp = make(adapter, 3, options={"granularity": "block"})
+    kl, start = start_at_the_optimum(comp, ctx, monkeypatch)
 
     def ends(last_step, seed, screen=True):
         config = SearchConfig(
@@ -158,16 +163,9 @@ def test_screening_ends_a_generation_whose_children_all_lose_to_the_parent(setup
     """screen_with_parent: the parent is scored with its children on the first step's rows; a generation where no
     child beats it there makes no further step. Started at the best profile of a first step that covers every
     row, no child can beat it, so each generation is one scoring call, and the search ends where it started."""
-    import itertools
-
     adapter, ctx = setup
     comp = make(adapter, 2, options={"granularity": "block"})
-    kl = {}
-    for removed in itertools.combinations(range(6), 2):
-        comp.apply_profile(comp.profile_from_blocks(list(removed)))
-        kl[removed] = ctx.kl(ctx.all_rows())
-    start = min(kl, key=kl.get)
-    monkeypatch.setattr(comp, "initial_profile", lambda: comp.profile_from_blocks(list(start)))
+    kl, start = start_at_the_optimum(comp, ctx, monkeypatch)
     calls = []
     real = workers_module.score_pool
 
