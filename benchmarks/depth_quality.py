@@ -173,7 +173,8 @@ def config_tag(config: SearchConfig) -> str:
 def search_cell(adapter, ctx, sets, config, gran, k, cells, runs: Path) -> dict:
     comp = make(adapter, k, options={"granularity": gran})
     seeds = seed_profiles(comp, cells, config.seed_baselines, k)
-    res = run_search(comp, ctx, config, runs / f"{gran}_k{k}_{config_tag(config)}", seeds=seeds)
+    rows = ctx.tokens.shape[0]  # a checkpoint resumes only on the rows it was scored on
+    res = run_search(comp, ctx, config, runs / f"{gran}_k{k}_{config_tag(config)}_r{rows}", seeds=seeds)
     comp.apply_profile(res.profile)
     cell = {
         **measure(adapter, sets),
@@ -272,6 +273,15 @@ def main() -> None:
     sets, note = heldout_sets(args, data)
     args.runs = runs_dir(args.bench_data, data)
     results = adopt_data(load_results(), OUT_JSON, data, sets, note, EMPTY)
+    if results.get("calibration_rows", args.calibration_rows) != args.calibration_rows:
+        # every baseline and search scored its candidates on those rows: only the dense cell still holds
+        print(
+            f"the table was made on {results['calibration_rows']} calibration rows, this run uses "
+            f"{args.calibration_rows}: every cell but dense is made again",
+            flush=True,
+        )
+        results["cells"] = {k: v for k, v in results["cells"].items() if k == "dense"}
+        results.pop("orders", None)
     results.update(
         ks=sorted(set(results.get("ks", [])) | set(ks)),  # a run over some levels keeps the others' columns
         search_config=asdict(config),
