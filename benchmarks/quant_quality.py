@@ -115,20 +115,27 @@ def markdown(results: dict) -> str:
     if searched:
         lines += [
             "",
-            "| search | started from | start KL | final KL | generations | parent screens | s/generation |",
+            "| search | started from | start KL | final KL | generations | offspring | survivors | tokens per step "
+            "| parent screens | s/generation |",
         ]
-        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for key, c in searched:
             start = "-" if c["initial_fitness"] is None else f"{c['initial_fitness']:.4f}"
+            config = c.get("config", {})  # each row's own settings: a level may have been searched harder
             lines.append(
                 f"| {key} | {c['initial_source']} | {start} | {c['fitness']:.4f} | {c['generations']} | "
-                f"{screens(c.get('config', {}))} | {c['median_seconds_per_generation']:.1f} |"
+                f"{config.get('offspring', '?')} | {_joined(config.get('survivors'))} | "
+                f"{_joined(config.get('tokens'))} | {screens(config)} | {c['median_seconds_per_generation']:.1f} |"
             )
     settings = results.get("settings") or {}
     lines += ["", calibration_line(results, settings.get("calibration_rows"))]
     lines += made_on_lines(results)
-    lines += ["", f"settings: {json.dumps(settings)}", ""]
+    lines += ["", f"settings of the last run (each search row above has its own): {json.dumps(settings)}", ""]
     return "\n".join(lines)
+
+
+def _joined(values) -> str:
+    return ",".join(str(v) for v in values) if values else "?"
 
 
 def _jsonable(config) -> dict:
@@ -199,8 +206,9 @@ def run_target(args, results, adapter, ctx, sets, dense_weights, target: float) 
         comp = fresh()
         make_seed = {"dp": lambda: qbase.dp_from_errors(comp, results["dp_layer_errors"])}
         seeds = {n: make_seed[n]() for n in config.seed_baselines}  # the uniform start is always a candidate
-        tag = hashlib.sha256(json.dumps(_jsonable(config), sort_keys=True).encode()).hexdigest()[:8]
-        out = Path(args.runs) / f"quant-{target}-{tag}"
+        # named by the settings a resumed search must share: more --generations continue the same checkpoint
+        tag = hashlib.sha256(json.dumps(config.fingerprint(), sort_keys=True).encode()).hexdigest()[:8]
+        out = Path(args.runs) / f"quant-{target}-f{tag}"
         res = run_search(comp, ctx, config, out, on_generation=_log, seeds=seeds)
         extra = {
             "fitness": res.fitness,
