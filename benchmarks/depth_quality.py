@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from quality_common import (
-    BUILTIN_MIX,
     Row,
     add_data_arguments,
     adopt_data,
@@ -211,9 +210,7 @@ def cached_context(adapter, calibration, args) -> FitnessContext:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # its table was made on the builtin mix: on the prose mix the k=4 and k=8 profiles did worse on Shakespeare
-    # (docs/ARCHITECTURE.md, "What the quality benchmarks calibrate on"); --calibration default measures that
-    add_data_arguments(ap, tokens="512,all", calibration=json.dumps(BUILTIN_MIX))
+    add_data_arguments(ap, tokens="512,all")
     ap.add_argument("--ks", default="4,8,12")
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--offspring", type=int, default=6)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 from quality_common import (
-    BUILTIN_MIX,
     Row,
     add_data_arguments,
     adopt_data,
@@ -291,8 +290,7 @@ def depth_search(args, results, adapter, ctx) -> Path:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # its table was made on the builtin mix; --calibration default moves it to the prose mix
-    add_data_arguments(ap, tokens="512,all", calibration=json.dumps(BUILTIN_MIX))
+    add_data_arguments(ap, tokens="512,all")
     ap.add_argument(
         "--db", default="", help="a quantization database ('' = <bench-data>/db/<calibration>/joint)"
     )

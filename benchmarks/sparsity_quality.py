@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from quality_common import (
-    BUILTIN_MIX,
     Row,
     add_data_arguments,
     add_fitness_rows_argument,
@@ -260,8 +259,7 @@ def _restore(adapter, dense_weights) -> None:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # its table was made on the builtin mix; --calibration default moves it to the prose mix
-    add_data_arguments(ap, tokens="256,all", calibration=json.dumps(BUILTIN_MIX))
+    add_data_arguments(ap, tokens="256,all")
     ap.add_argument("--db-root", default="", help="level databases ('' = <bench-data>/db/<calibration>)")
     ap.add_argument("--runs", default="", help="search checkpoints ('' = <bench-data>/search/<calibration>)")
     ap.add_argument("--targets", default="0.5,0.6,0.7")
