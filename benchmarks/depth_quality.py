@@ -167,7 +167,9 @@ def seed_profiles(comp, cells: dict, names: tuple[str, ...], k: int) -> dict:
 
 
 def config_tag(config: SearchConfig) -> str:
-    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
+    """Names a search's checkpoint folder by the settings a resumed search must share: more --generations
+    continue the same checkpoint."""
+    return "f" + hashlib.sha256(json.dumps(config.fingerprint(), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def search_cell(adapter, ctx, sets, config, gran, k, cells, runs: Path) -> dict:
