@@ -10,7 +10,7 @@ calibration: a profile that fits only the calibration mix (Python documentation)
 3. with a prepared model: the held-out token set, through evopress.stages.prepare_data (32 x 512 tokens), in
    <root>/shakespeare-tokens-<model sha256[:12]>/ (token ids depend on the model's tokenizer).
 
-The calibration side has a natural-language part too (the quality benchmarks' default mix): `fetch_prose` takes two
+The calibration side can have a natural-language part too (`--calibration prose-mix`): `fetch_prose` takes two
 texts of the Canterbury corpus that the PyPI sdist brotli==1.2.1 ships as test data, Alice's Adventures in Wonderland
 (narrative and dialogue) and the Library of Congress Workshop on Electronic Texts proceedings (1992, expository), into
 <root>/prose/, unwrapped into passages. The same archive also holds asyoulik.txt (As You Like It: Shakespeare, the
@@ -56,10 +56,6 @@ PROSE_FILES = {
     "tests/testdata/alice29.txt": "alice_in_wonderland",
     "tests/testdata/lcet10.txt": "loc_workshop_on_electronic_texts",
 }
-PROSE_DESCRIPTION = (
-    "prose: Alice's Adventures in Wonderland and the LOC Workshop on Electronic Texts (Canterbury corpus files "
-    "of the PyPI sdist brotli==1.2.1)"
-)
 
 
 class CorpusUnavailable(RuntimeError):

@@ -30,6 +30,7 @@ from quality_common import (
     build_references,
     calibration_data,
     calibration_line,
+    checkpoint_tag,
     describe,
     heldout_sets,
     made_on,
@@ -166,17 +167,11 @@ def seed_profiles(comp, cells: dict, names: tuple[str, ...], k: int) -> dict:
     return {n: comp.profile_from_blocks(cells[f"{n}/k{k}"]["removed"]["block"]) for n in names}
 
 
-def config_tag(config: SearchConfig) -> str:
-    """Names a search's checkpoint folder by the settings a resumed search must share: more --generations
-    continue the same checkpoint."""
-    return "f" + hashlib.sha256(json.dumps(config.fingerprint(), sort_keys=True).encode()).hexdigest()[:8]
-
-
 def search_cell(adapter, ctx, sets, config, gran, k, cells, runs: Path) -> dict:
     comp = make(adapter, k, options={"granularity": gran})
     seeds = seed_profiles(comp, cells, config.seed_baselines, k)
     rows = ctx.tokens.shape[0]  # a checkpoint resumes only on the rows it was scored on
-    res = run_search(comp, ctx, config, runs / f"{gran}_k{k}_{config_tag(config)}_r{rows}", seeds=seeds)
+    res = run_search(comp, ctx, config, runs / f"{gran}_k{k}_{checkpoint_tag(config)}_r{rows}", seeds=seeds)
     comp.apply_profile(res.profile)
     cell = {
         **measure(adapter, sets),

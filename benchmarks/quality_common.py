@@ -33,8 +33,9 @@ from evopress.errors import require
 from evopress.fitness import DenseReference, perplexity_and_kl
 from evopress.io import atomic_write_json, sha256_file
 
-# The builtin sources alone: Python documentation (language reference, stdlib docstrings). Profiles calibrated on
-# it alone fitted that domain (measured losing to uniform 3 bits on Shakespeare), hence the default below.
+# The default calibration: the builtin sources, Python documentation (language reference, stdlib docstrings).
+# Quantization profiles calibrated on it lost to uniform 3 bits on Shakespeare; PROSE_MIX adds prose
+# (docs/ARCHITECTURE.md, "What the quality benchmarks calibrate on").
 BUILTIN_MIX = {"builtin:pydoc": 0.5, "builtin:docstrings": 0.5}
 PROSE_MIX = "prose-mix"  # --calibration: the builtin sources plus natural-language prose, a third each
 BENCH_DATA = Path("data/benchmarks")
@@ -88,6 +89,12 @@ def search_tokens(text: str, calibration_rows: int, seq_len: int = SEQ_LEN) -> t
     """(--tokens as selection steps, tokens scoring the initial candidates: the last step's, all rows for 'all')."""
     steps = parse_token_steps(text)
     return steps, calibration_rows * seq_len if steps[-1] == ALL else steps[-1]
+
+
+def checkpoint_tag(config) -> str:
+    """Names a search's checkpoint folder by the settings a resumed search must share (SearchConfig.fingerprint):
+    a longer run, more generations, resumes the same folder."""
+    return hashlib.sha256(json.dumps(config.fingerprint(), sort_keys=True).encode()).hexdigest()[:8]
 
 
 # --- calibration data ----------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ DP errors on 1024 tokens. The database is fitted on calibration rows 0..31; the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import statistics
@@ -37,6 +36,7 @@ from quality_common import (
     build_references,
     calibration_data,
     calibration_line,
+    checkpoint_tag,
     describe,
     drop_cells_scored_elsewhere,
     fitness_span,
@@ -206,9 +206,7 @@ def run_target(args, results, adapter, ctx, sets, dense_weights, target: float) 
         comp = fresh()
         make_seed = {"dp": lambda: qbase.dp_from_errors(comp, results["dp_layer_errors"])}
         seeds = {n: make_seed[n]() for n in config.seed_baselines}  # the uniform start is always a candidate
-        # named by the settings a resumed search must share: more --generations continue the same checkpoint
-        tag = hashlib.sha256(json.dumps(config.fingerprint(), sort_keys=True).encode()).hexdigest()[:8]
-        out = Path(args.runs) / f"quant-{target}-f{tag}"
+        out = Path(args.runs) / f"quant-{target}-{checkpoint_tag(config)}"
         res = run_search(comp, ctx, config, out, on_generation=_log, seeds=seeds)
         extra = {
             "fitness": res.fitness,

@@ -22,7 +22,6 @@ the searches and the baselines score rows 32..63 (--fitness-rows unseen).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import time
@@ -37,6 +36,7 @@ from quality_common import (
     build_references,
     calibration_data,
     calibration_line,
+    checkpoint_tag,
     describe,
     drop_cells_scored_elsewhere,
     fitness_span,
@@ -193,16 +193,10 @@ def run_target(args, results, adapter, ctx, sets, dense_weights, target: float) 
     if missing(cells.get(key), sets):
         started = time.perf_counter()
         comp = fresh()
-        out = Path(args.runs) / f"sparsity-{target}-{config_tag(args.config)}"
+        out = Path(args.runs) / f"sparsity-{target}-{checkpoint_tag(args.config)}"
         metrics, res = seeded_search(args, cells, comp, ctx, sets, target, out)
         atomic_write_json(out / "profile.json", res.profile)
         record(results, key, metrics, started)
-
-
-def config_tag(config: SearchConfig) -> str:
-    """Names a search's checkpoint folder: a checkpoint resumes only under the settings it was made with (a
-    longer run, more generations, resumes the same folder)."""
-    return hashlib.sha256(json.dumps(config.fingerprint(), sort_keys=True).encode()).hexdigest()[:8]
 
 
 def seeded_search(args, cells, comp, ctx, sets, target, out) -> tuple[dict, object]:
@@ -241,7 +235,7 @@ def search_on_sequential_database(args, results, adapter, ctx, sets, dense_weigh
     }
     _restore(adapter, dense_weights)
     comp = make(adapter, target, db=db_dir)
-    out = Path(args.runs) / f"sparsity-{target}-seqdb-{config_tag(args.config)}"
+    out = Path(args.runs) / f"sparsity-{target}-seqdb-{checkpoint_tag(args.config)}"
     metrics, _ = seeded_search(args, cells, comp, ctx, sets, target, out)
     record(results, key, metrics, started)
 
