@@ -97,6 +97,12 @@ def checkpoint_tag(config) -> str:
     return hashlib.sha256(json.dumps(config.fingerprint(), sort_keys=True).encode()).hexdigest()[:8]
 
 
+def checkpoint_folder(runs, name: str, config, span: list[int]) -> Path:
+    """<runs>/<name>-<checkpoint_tag>_r<first>-<end>: the calibration rows [first, end) a search scores are part
+    of its name, because a checkpoint does not record them and a search resumed on other rows is no result."""
+    return Path(runs) / f"{name}-{checkpoint_tag(config)}_r{span[0]}-{span[1]}"
+
+
 # --- calibration data ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TextData:

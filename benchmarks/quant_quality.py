@@ -36,7 +36,7 @@ from quality_common import (
     build_references,
     calibration_data,
     calibration_line,
-    checkpoint_tag,
+    checkpoint_folder,
     describe,
     drop_cells_scored_elsewhere,
     fitness_span,
@@ -206,7 +206,7 @@ def run_target(args, results, adapter, ctx, sets, dense_weights, target: float) 
         comp = fresh()
         make_seed = {"dp": lambda: qbase.dp_from_errors(comp, results["dp_layer_errors"])}
         seeds = {n: make_seed[n]() for n in config.seed_baselines}  # the uniform start is always a candidate
-        out = Path(args.runs) / f"quant-{target}-{checkpoint_tag(config)}"
+        out = checkpoint_folder(args.runs, f"quant-{target}", config, args.fitness_span)
         res = run_search(comp, ctx, config, out, on_generation=_log, seeds=seeds)
         extra = {
             "fitness": res.fitness,
@@ -290,7 +290,9 @@ def main() -> None:
     results = adopt_data(load_results(), OUT_JSON, data, sets, note, EMPTY)
     results["targets"] = sorted(set(results.get("targets", [])) | set(targets))
     prepared = len(load_tokens(data.folder, "calibration"))
-    span = fitness_span(args.fitness_rows, args.n_samples, args.calibration_rows, prepared)
+    span = args.fitness_span = fitness_span(
+        args.fitness_rows, args.n_samples, args.calibration_rows, prepared
+    )
     if drop_cells_scored_elsewhere(results, span, data_free=("dense", "uniform")):
         results.pop("dp_layer_errors", None)  # measured on the old rows
     results["settings"] = {

@@ -36,7 +36,7 @@ from quality_common import (
     build_references,
     calibration_data,
     calibration_line,
-    checkpoint_tag,
+    checkpoint_folder,
     describe,
     drop_cells_scored_elsewhere,
     fitness_span,
@@ -193,7 +193,7 @@ def run_target(args, results, adapter, ctx, sets, dense_weights, target: float) 
     if missing(cells.get(key), sets):
         started = time.perf_counter()
         comp = fresh()
-        out = Path(args.runs) / f"sparsity-{target}-{checkpoint_tag(args.config)}"
+        out = checkpoint_folder(args.runs, f"sparsity-{target}", args.config, args.fitness_span)
         metrics, res = seeded_search(args, cells, comp, ctx, sets, target, out)
         atomic_write_json(out / "profile.json", res.profile)
         record(results, key, metrics, started)
@@ -235,7 +235,7 @@ def search_on_sequential_database(args, results, adapter, ctx, sets, dense_weigh
     }
     _restore(adapter, dense_weights)
     comp = make(adapter, target, db=db_dir)
-    out = Path(args.runs) / f"sparsity-{target}-seqdb-{checkpoint_tag(args.config)}"
+    out = checkpoint_folder(args.runs, f"sparsity-{target}-seqdb", args.config, args.fitness_span)
     metrics, _ = seeded_search(args, cells, comp, ctx, sets, target, out)
     record(results, key, metrics, started)
 
@@ -324,7 +324,9 @@ def main() -> None:
     results = adopt_data(load_results(), OUT_JSON, data, sets, note, EMPTY)
     results["targets"] = sorted(set(results.get("targets", [])) | set(targets))
     prepared = len(load_tokens(data.folder, "calibration"))
-    span = fitness_span(args.fitness_rows, args.n_samples, args.calibration_rows, prepared)
+    span = args.fitness_span = fitness_span(
+        args.fitness_rows, args.n_samples, args.calibration_rows, prepared
+    )
     drop_cells_scored_elsewhere(results, span, data_free=("dense", "uniform", "uniform_seq", "magnitude"))
     results["settings"] = {
         "search": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args.config).items()},

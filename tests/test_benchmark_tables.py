@@ -147,6 +147,18 @@ def test_search_tokens_end_in_all_and_score_the_starts_on_every_row():
     assert qc.search_tokens("256,1024", 4) == ((256, 1024), 1024)
 
 
+def test_checkpoint_folders_differ_by_rows_and_resume_across_more_generations(tmp_path):
+    from evopress.search import SearchConfig
+
+    short, longer = SearchConfig(generations=10), SearchConfig(generations=40)
+    other = SearchConfig(generations=10, offspring=32)
+    folder = qc.checkpoint_folder(tmp_path, "quant-3.0", short, [32, 64])
+    assert folder == qc.checkpoint_folder(tmp_path, "quant-3.0", longer, [32, 64])  # more generations resume
+    assert folder.name.endswith("_r32-64")
+    assert folder != qc.checkpoint_folder(tmp_path, "quant-3.0", short, [32, 128])  # other rows: a new search
+    assert folder != qc.checkpoint_folder(tmp_path, "quant-3.0", other, [32, 64])
+
+
 # --- cells and tables ------------------------------------------------------------------------------------------
 def _sets() -> list[qc.HeldoutSet]:
     g = torch.Generator().manual_seed(0)
