@@ -153,30 +153,43 @@ def parse_source(text: str, bench_data: Path = BENCH_DATA) -> str | dict | Path:
     return Path(text)
 
 
-def calibration_data(text: str, model_dir: Path, bench_data: Path, heldout_rows: int) -> TextData:
-    """The prepared folder the run calibrates on (prepared first where needed) and its description."""
+def calibration_data(
+    text: str, model_dir: Path, bench_data: Path, heldout_rows: int, calibration_rows: int = CALIBRATION_ROWS
+) -> TextData:
+    """The prepared folder the run calibrates on (prepared first where needed) and its description.
+
+    A source or mix gets max(CALIBRATION_ROWS, `calibration_rows`) calibration rows; held-out documents are taken
+    first, so a folder with more calibration rows has the same held-out rows (and the same first rows)."""
     source = parse_source(text, Path(bench_data))
     if isinstance(source, Path):
         folder = with_heldout_rows(source, Path(model_dir), Path(bench_data), heldout_rows)
     else:
-        spec = DataSpec(source, SEQ_LEN, CALIBRATION_ROWS, heldout_rows)
-        folder = prepare(Path(model_dir), spec, source_folder(source, Path(bench_data), heldout_rows))
+        rows = max(CALIBRATION_ROWS, calibration_rows)
+        spec = DataSpec(source, SEQ_LEN, rows, heldout_rows)
+        folder = prepare(Path(model_dir), spec, source_folder(source, Path(bench_data), heldout_rows, rows))
     manifest = folder / "data.json"
     source = json.loads(manifest.read_text()).get("source", "?") if manifest.exists() else "no data.json"
     what = json.dumps(source) if isinstance(source, dict) else source
     return TextData(folder, f"{folder} = {what}", sha256_file(folder / "calibration.safetensors"))
 
 
-def source_folder(source: str | dict, bench_data: Path, heldout_rows: int = HELDOUT_ROWS) -> Path:
-    """One folder per source and held-out size: another size moves documents between the splits, so it must
-    not overwrite the folder (and the calibration rows) other runs use."""
+def source_folder(
+    source: str | dict,
+    bench_data: Path,
+    heldout_rows: int = HELDOUT_ROWS,
+    calibration_rows: int = CALIBRATION_ROWS,
+) -> Path:
+    """One folder per source, held-out size and calibration size: another size moves documents between the
+    splits or changes the calibration file, so it must not overwrite the folder other runs use."""
     if source == BUILTIN_MIX:
         name = "mix"
     elif source == prose_mix(bench_data):
         name = "prose-mix"
     else:
         name = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:8]
-    return bench_data / (f"text-{name}" if heldout_rows == HELDOUT_ROWS else f"text-{name}-h{heldout_rows}")
+    name += "" if heldout_rows == HELDOUT_ROWS else f"-h{heldout_rows}"
+    name += "" if calibration_rows == CALIBRATION_ROWS else f"-c{calibration_rows}"
+    return bench_data / f"text-{name}"
 
 
 def with_heldout_rows(folder: Path, model_dir: Path, bench_data: Path, rows: int) -> Path:
@@ -375,6 +388,12 @@ def add_fitness_rows_argument(ap: argparse.ArgumentParser) -> None:
         help="unseen: searches and baselines score the calibration rows after the databases' n_samples (GPTQ and "
         "SparseGPT fit their levels to their own rows, which flatters them there); all: from the first row",
     )
+
+
+def rows_needed(args) -> int:
+    """Calibration rows a run reads: the databases' n_samples (when the search scores the rows after them) plus
+    --calibration-rows."""
+    return (args.n_samples if args.fitness_rows == "unseen" else 0) + args.calibration_rows
 
 
 def fitness_span(setting: str, n_database: int, rows: int, available: int) -> list[int]:

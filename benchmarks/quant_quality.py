@@ -46,6 +46,7 @@ from quality_common import (
     measure,
     missing,
     quality_tables,
+    rows_needed,
     screens,
     search_tokens,
 )
@@ -284,7 +285,9 @@ def main() -> None:
     torch.manual_seed(0)
     targets = [float(t) for t in args.targets.split(",")]
     db_options = {"n_samples": args.n_samples, "group_size": args.group_size}
-    data = calibration_data(args.calibration, args.model, args.bench_data, args.heldout_rows)
+    data = calibration_data(
+        args.calibration, args.model, args.bench_data, args.heldout_rows, rows_needed(args)
+    )
     place_outputs(args, data)
     sets, note = heldout_sets(args, data)
     results = adopt_data(load_results(), OUT_JSON, data, sets, note, EMPTY)

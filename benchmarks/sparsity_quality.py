@@ -46,6 +46,7 @@ from quality_common import (
     measure,
     missing,
     quality_tables,
+    rows_needed,
     screens,
     search_tokens,
 )
@@ -314,7 +315,9 @@ def main() -> None:
         return
     torch.manual_seed(0)
     targets = [float(t) for t in args.targets.split(",")]
-    data = calibration_data(args.calibration, args.model, args.bench_data, args.heldout_rows)
+    data = calibration_data(
+        args.calibration, args.model, args.bench_data, args.heldout_rows, rows_needed(args)
+    )
     args.data = data.folder  # the databases' Hessians come from the same calibration rows as the search
     args.db_root = args.db_root or db_root(args.bench_data, data)
     args.runs = args.runs or Path(args.bench_data) / "search" / (

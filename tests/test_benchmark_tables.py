@@ -111,6 +111,8 @@ def test_the_default_calibration_mix_is_a_third_prose(tmp_path):
     }
     assert qc.source_folder(mix, tmp_path).name == "text-prose-mix"
     assert qc.source_folder(qc.BUILTIN_MIX, tmp_path).name == "text-mix"
+    # more calibration rows than the default: a folder of its own (the default one stays as other runs made it)
+    assert qc.source_folder(qc.BUILTIN_MIX, tmp_path, calibration_rows=128).name == "text-mix-c128"
 
 
 def test_download_runs_pip_only_when_the_sdist_is_missing(tmp_path, monkeypatch):
