@@ -213,7 +213,14 @@ def measure(side: str, cfg: Config, args, heldout, python, data: Path) -> dict:
     check = weight_check(weights, cfg)
     started = time.perf_counter()
     ppl = evaluate(args, heldout, weights)
-    return {"perplexity": ppl, "eval_seconds": time.perf_counter() - started, "check": check, **info}
+    return {
+        "perplexity": ppl,
+        "eval_seconds": time.perf_counter() - started,
+        "check": check,
+        "cpu": cpu_model(),  # cells of one table may come from several sessions (and machines)
+        "threads": torch.get_num_threads(),
+        **info,
+    }
 
 
 def cell_key(cfg: Config, side: str, draw: int) -> str:
@@ -305,6 +312,18 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpus_line(results: dict) -> str:
+    """Which CPU (and threads) measured which configs: '<cpu>, <n> threads: <label>, <label>; ...'."""
+    by_cpu: dict[str, list[str]] = {}
+    for cfg in CONFIGS:
+        for side in ("llmcompressor", "evopress"):
+            for cell in draw_cells(results, cfg, side):
+                where = f"{cell.get('cpu', '?')}, {cell.get('threads', '?')} threads"
+                if cfg.label not in by_cpu.setdefault(where, []):
+                    by_cpu[where].append(cfg.label)
+    return "; ".join(f"{where}: {', '.join(labels)}" for where, labels in by_cpu.items()) or "-"
+
+
 def footer(results: dict, info: dict) -> list[str]:
     ref_run = next((c for k, c in results["cells"].items() if "/llmcompressor" in k), {})
     ref_versions = ref_run.get("versions", {})
@@ -318,8 +337,9 @@ def footer(results: dict, info: dict) -> list[str]:
         "(disjoint), the same rows on both sides; ppl cells: median [min, max] over the draws",
         "why draws: at 3 bits a 1e-7 change of the Hessian alone moves this model's GPTQ perplexity by ~15% "
         "(benchmarks/results/build_rounding.md), so one calibration sample cannot rank two quantizers 2% apart",
-        f"CPU: {info['cpu']}, {info['threads']} threads; time = compression wall time (llm-compressor: its oneshot "
-        "call; evopress: build_database), evaluation not included",
+        f"CPU of each config's cells: {cpus_line(results)}; time = compression wall time (llm-compressor: its "
+        "oneshot call; evopress: build_database), evaluation not included; times from different CPUs or a "
+        "shared machine are not a speed comparison",
         f"evopress venv: torch {info['torch']}, transformers {info['transformers']}; reference venv: "
         + ", ".join(f"{k} {v}" for k, v in ref_versions.items()),
         f"within {TOLERANCE:.0%}: evopress ppl <= {1 + TOLERANCE:g} x llm-compressor ppl (lower is better; "
