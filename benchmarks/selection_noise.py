@@ -10,7 +10,8 @@ between small and large token samples), measured on the depth search and on one 
    worse than the parent on the full set beats it on the sample (a false replacement in the last selection step).
    depth: the parent is a baseline's profile at --k (a cell of depth_quality.json); sparsity: the uniform profile
    at --sparsity-target (60%), from the inputs=dense level database of sparsity_quality.py (the same folder: built
-   here the same way when that script has not built it yet).
+   here the same way when that script has not built it yet), scored on the --calibration-rows rows after the
+   database's n_samples (as sparsity_quality.py's searches: not the rows SparseGPT fitted its levels to).
 2. Drift. For every EvoPress cell of benchmarks/results/depth_quality.json: KL on all calibration rows of the profile
    the search started from and of the one it ended at, next to their held-out perplexities.
 3. Held-out check at the levels of --heldout-ks (not a default part: the depth table itself now reports perplexity
@@ -41,6 +42,7 @@ from evopress.data import load_tokens
 from evopress.fitness import DenseReference, mean_kl, perplexity_and_kl
 from evopress.io import atomic_write_json, atomic_write_text
 from evopress.models import load_model
+from evopress.scoring import FitnessContext
 from evopress.search import make_offspring
 
 RESULTS = Path("benchmarks/results")
@@ -204,10 +206,18 @@ def sparsity_stability(ctx, adapter, data, args) -> dict:
         for i in range(adapter.num_blocks)
         for n, lin in adapter.linears(i).items()
     }
+    # Score the rows after the database's n_samples, as sparsity_quality.py's searches do: SparseGPT fitted its
+    # levels to its own rows, which would flatter every candidate there (context built while the model is dense).
+    first = args.n_samples
+    tokens = load_tokens(data.folder, "calibration")[first : first + args.calibration_rows]
+    ctx = FitnessContext.build(adapter, tokens, topk=512)
     comp = make_sparsity(adapter, args.sparsity_target, db=db_dir)
     try:
         info = {"name": "uniform", "level": f"{args.sparsity_target:.0%} (database inputs=dense)"}
-        return stability(ctx, comp, comp.initial_profile(), info, args)
+        rows = (
+            f"{data.description}, rows {first}..{first + len(tokens) - 1} (the database's are 0..{first - 1})"
+        )
+        return {**stability(ctx, comp, comp.initial_profile(), info, args), "calibration": rows}
     finally:
         with torch.no_grad():
             for (i, n), w in dense.items():
