@@ -30,7 +30,7 @@ from quality_common import (
     build_references,
     calibration_data,
     calibration_line,
-    checkpoint_tag,
+    checkpoint_folder,
     describe,
     heldout_sets,
     made_on,
@@ -170,8 +170,8 @@ def seed_profiles(comp, cells: dict, names: tuple[str, ...], k: int) -> dict:
 def search_cell(adapter, ctx, sets, config, gran, k, cells, runs: Path) -> dict:
     comp = make(adapter, k, options={"granularity": gran})
     seeds = seed_profiles(comp, cells, config.seed_baselines, k)
-    rows = ctx.tokens.shape[0]  # a checkpoint resumes only on the rows it was scored on
-    res = run_search(comp, ctx, config, runs / f"{gran}_k{k}_{checkpoint_tag(config)}_r{rows}", seeds=seeds)
+    out = checkpoint_folder(runs, f"{gran}_k{k}", config, [0, ctx.tokens.shape[0]])  # the rows it scores
+    res = run_search(comp, ctx, config, out, seeds=seeds)
     comp.apply_profile(res.profile)
     cell = {
         **measure(adapter, sets),

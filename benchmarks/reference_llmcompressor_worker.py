@@ -67,7 +67,9 @@ def sparsegpt_modifier(sparsity: float):
     """Unstructured SparseGPT ("0:0") at `sparsity` in every targeted linear; everything else at its default."""
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
 
-    return SparseGPTModifier(sparsity=sparsity, mask_structure="0:0", targets=["Linear"], ignore=IGNORE_SPARSE)
+    return SparseGPTModifier(
+        sparsity=sparsity, mask_structure="0:0", targets=["Linear"], ignore=IGNORE_SPARSE
+    )
 
 
 def make_modifier(config: dict):
