@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from paired_gap import gap_lines
 
 from evopress.config import ALL, parse_token_steps
 from evopress.data import DataSpec, load_tokens
 from evopress.errors import require
-from evopress.fitness import DenseReference, perplexity_and_kl
+from evopress.fitness import DenseReference, row_losses
 from evopress.io import atomic_write_json, sha256_file
 
 # The default calibration: the builtin sources, Python documentation (language reference, stdlib docstrings).
@@ -282,16 +283,23 @@ def measure(adapter, sets: list[HeldoutSet]) -> dict:
     """Perplexity and KL to dense of the live model on every held-out set (one forward pass per set)."""
     out = {}
     for s in sets:
-        ppl, kl = perplexity_and_kl(adapter, s.tokens, s.ref)
+        losses = row_losses(adapter, s.tokens, s.ref)
         p = _prefix(s.name)
-        out.update({f"{p}perplexity": ppl, f"{p}kl": kl, f"{p}heldout_tokens": s.tokens.numel()})
+        out.update({f"{p}perplexity": losses.perplexity(), f"{p}kl": losses.mean_kl()})
+        out.update({f"{p}heldout_tokens": s.tokens.numel(), **_per_row(p, losses)})
     return out
 
 
+def _per_row(p: str, losses) -> dict:
+    """Per-row sums for paired comparisons between cells (paired_gap.py)."""
+    return {f"{p}nll_rows": losses.nll.tolist(), f"{p}kl_rows": losses.kl.tolist()}
+
+
 def missing(cell: dict | None, sets: list[HeldoutSet]) -> bool:
-    """True when the cell is absent or lacks a metric of a set this run measures."""
+    """True when the cell is absent or lacks a metric of a set this run measures (per-row losses included: a
+    cell measured before they were kept is measured again, so every gap in its table can be tested)."""
     return cell is None or any(
-        f"{_prefix(s.name)}{m}" not in cell for s in sets for m in ("perplexity", "kl")
+        f"{_prefix(s.name)}{m}" not in cell for s in sets for m in ("perplexity", "kl", "kl_rows")
     )
 
 
@@ -363,7 +371,9 @@ def quality_table(cells: dict, levels: list[tuple[str, str]], rows: list[Row], i
             # KL with 4 significant digits: a small model's or a mild level's KL is far below 0.0001
             vals += [_fmt(cell.get(f"{p}perplexity"), ".2f"), _fmt(cell.get(f"{p}kl"), ".4g")]
         lines.append(_line([row.label, *([row.database or "-"] if with_db else []), *vals]))
-    return [*lines, "", f"held-out: {info['rows']} x {info['seq_len']} tokens ({info['description']})"]
+    footer = f"held-out: {info['rows']} x {info['seq_len']} tokens ({info['description']})"
+    gaps = gap_lines(cells, levels, rows, info)
+    return [*lines, "", footer, *([""] + gaps if gaps else [])]
 
 
 def quality_tables(results: dict, levels: list[tuple[str, str]], rows: list[Row]) -> list[str]:

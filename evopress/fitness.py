@@ -141,31 +141,55 @@ def perplexity(adapter: ModelAdapter, tokens: torch.Tensor, batch_size: int = 8)
     return float(torch.exp(nll / count))
 
 
+@dataclass
+class RowLosses:
+    """Per held-out row: next-token NLL summed over its seq_len - 1 predicted positions and KL to dense summed
+    over all seq_len positions. Kept per row so two models measured on the same rows can be compared pairwise:
+    the spread of the row differences says whether a gap between them is larger than the sample's noise."""
+
+    nll: torch.Tensor  # [rows] float64
+    kl: torch.Tensor  # [rows] float64
+    seq_len: int
+
+    def perplexity(self) -> float:
+        return float(torch.exp(self.nll.sum() / (len(self.nll) * (self.seq_len - 1))))
+
+    def mean_kl(self) -> float:
+        return float(self.kl.sum() / (len(self.kl) * self.seq_len))
+
+
 @torch.no_grad()
-def perplexity_and_kl(
+def row_losses(
     adapter: ModelAdapter, tokens: torch.Tensor, ref: DenseReference, batch_size: int = 8
-) -> tuple[float, float]:
-    """`perplexity` and `mean_kl` of `tokens` from one forward pass (half the cost of calling both)."""
-    nll = torch.zeros((), dtype=torch.float64)
-    kl = torch.zeros((), dtype=torch.float64)
-    predicted = 0
+) -> RowLosses:
+    """NLL and KL of every row of `tokens` from one forward pass."""
+    nll_rows, kl_rows = [], []
     for rows in torch.arange(len(tokens)).split(batch_size):
         batch = tokens[rows]
         hidden = final_hidden(adapter, batch)
-        # Row-major flattening: the last position of each row has no next token to predict.
+        # Row-major flattening: the last position of each row has no next token to predict (its loss is 0).
         targets = torch.nn.functional.pad(batch[:, 1:], (0, 1), value=-100).reshape(-1).to(hidden.device)
         r = ref.rows(rows)
         logp = r.logp.reshape(-1, r.logp.shape[-1])
         index = None if r.index is None else r.index.reshape(-1, r.index.shape[-1])
-        start = 0
+        nll, kl, start = [], [], 0
         for chunk in _token_chunks(hidden):
             end = start + len(chunk)
             logits = adapter.logits(chunk).float()
             loss = torch.nn.functional.cross_entropy(
-                logits, targets[start:end], ignore_index=-100, reduction="sum"
+                logits, targets[start:end], ignore_index=-100, reduction="none"
             )
-            nll += loss.double().cpu()
-            kl += _chunk_kl(logits, logp, index, start, end).double().sum().cpu()
+            nll.append(loss.double().cpu())
+            kl.append(_chunk_kl(logits, logp, index, start, end).double().cpu())
             start = end
-        predicted += batch[:, 1:].numel()
-    return float(torch.exp(nll / predicted)), float(kl / tokens.numel())
+        nll_rows.append(torch.cat(nll).reshape(batch.shape).sum(1))
+        kl_rows.append(torch.cat(kl).reshape(batch.shape).sum(1))
+    return RowLosses(torch.cat(nll_rows), torch.cat(kl_rows), tokens.shape[1])
+
+
+def perplexity_and_kl(
+    adapter: ModelAdapter, tokens: torch.Tensor, ref: DenseReference, batch_size: int = 8
+) -> tuple[float, float]:
+    """`perplexity` and `mean_kl` of `tokens` from one forward pass (half the cost of calling both)."""
+    losses = row_losses(adapter, tokens, ref, batch_size)
+    return losses.perplexity(), losses.mean_kl()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import corpora  # noqa: E402
+import paired_gap  # noqa: E402
 import quality_common as qc  # noqa: E402
 
 # the footer as /work/shared/tools/quality_md.py reads it
@@ -170,12 +172,29 @@ def _sets() -> list[qc.HeldoutSet]:
     ]
 
 
+def _rows(ppl: float, kl: float, spread: float, seed: int, rows: int = 32, seq_len: int = 512) -> dict:
+    """Per-row sums around a perplexity and a KL, the rows varying by `spread` (relative) the same way for every
+    seed-sharing cell (paired rows: one held-out row is hard for every model)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = 1 + spread * torch.randn(rows, generator=g, dtype=torch.float64)
+    shape = shape / shape.mean()
+    nll = math.log(ppl) * (seq_len - 1) * shape
+    return {"nll_rows": nll.tolist(), "kl_rows": (kl * seq_len * shape).tolist()}
+
+
+def _cell(ppl: float, kl: float, s_ppl: float, s_kl: float) -> dict:
+    rows = _rows(ppl, kl, 0.3, 0)
+    second = {f"shakespeare_{k}": v for k, v in _rows(s_ppl, s_kl, 0.3, 1).items()}
+    metrics = {"perplexity": ppl, "kl": kl, "shakespeare_perplexity": s_ppl, "shakespeare_kl": s_kl}
+    tokens = {"heldout_tokens": 32 * 512, "shakespeare_heldout_tokens": 32 * 512}
+    return {**metrics, **tokens, **rows, **second}
+
+
 def _results() -> dict:
-    full = {"perplexity": 20.0, "kl": 0.5, "shakespeare_perplexity": 30.0, "shakespeare_kl": 0.7}
     cells = {
         "dense": {"perplexity": 10.0, "kl": 0.0, "shakespeare_perplexity": 12.0, "shakespeare_kl": 0.0},
-        "evopress/k4": full,
-        "shortgpt/k4": {**full, "perplexity": 21.0, "kl": 0.6},
+        "evopress/k4": _cell(20.0, 0.5, 30.0, 0.7),
+        "shortgpt/k4": _cell(21.0, 0.6, 30.0, 0.7),
     }
     return {"cells": cells, "heldout": [s.info() for s in _sets()], "second_corpus": None}
 
@@ -183,8 +202,10 @@ def _results() -> dict:
 def test_missing_names_cells_lacking_a_measured_set():
     sets = _sets()
     assert not qc.missing(_results()["cells"]["evopress/k4"], sets)
-    assert qc.missing({"perplexity": 1.0, "kl": 0.1}, sets)
-    assert not qc.missing({"perplexity": 1.0, "kl": 0.1}, sets[:1])
+    mix_only = {"perplexity": 1.0, "kl": 0.1, "kl_rows": [51.2] * 32}
+    assert qc.missing(mix_only, sets)
+    assert not qc.missing(mix_only, sets[:1])
+    assert qc.missing({"perplexity": 1.0, "kl": 0.1}, sets[:1])  # measured before per-row losses were kept
     assert qc.missing(None, sets[:1])
 
 
@@ -204,6 +225,38 @@ def test_first_table_has_ppl_and_kl_per_level_and_the_footer():
     assert "held-out: 32 x 512 tokens (shakespeare: plays)" in text[second:]
 
 
+def test_paired_gap_resolves_a_consistent_gap_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    base = (1 + torch.rand(32, generator=g)).tolist()  # rows differ a lot in difficulty
+    better = [b - 0.01 for b in base]  # lower on every row, by far less than the rows' own spread
+    gap = paired_gap.paired_gap(better, base)
+    assert gap.mean == pytest.approx(-0.01) and gap.high < 0 and gap.resolved
+    noise = [b + 0.05 * float(torch.randn((), generator=g)) for b in base]
+    unresolved = paired_gap.paired_gap(noise, base)
+    assert unresolved.low < 0 < unresolved.high and not unresolved.resolved
+    with pytest.raises(ValueError, match="32 vs 31"):
+        paired_gap.paired_gap(base, base[1:])
+
+
+def test_tables_say_whether_evopress_leads_by_more_than_the_noise():
+    rows = [qc.Row("evopress", "evopress"), qc.Row("shortgpt", "shortgpt")]
+    text = "\n".join(qc.quality_tables(_results(), [("k4", "k=4")], rows))
+    first, second = text.split("The same profiles on a second domain")
+    assert "EvoPress minus the best other row, paired over the 32 held-out rows" in first
+    # 20 vs 21 perplexity on rows that vary alike: -4.8%, the sign held by every resample
+    line = next(x for x in first.splitlines() if x.startswith("- k=4:"))
+    assert line.startswith("- k=4: evopress vs shortgpt: KL -0.1000 [") and "perplexity -4.8% [" in line
+    assert line.endswith("; EvoPress KL lower, perplexity lower")
+    # identical rows on Shakespeare: a zero gap is not a lead
+    assert "- k=4: evopress vs shortgpt: KL +0.0000 [+0.0000, +0.0000]" in second
+    assert "EvoPress KL within the noise, perplexity within the noise" in second
+    old = _results()
+    for key in ("kl_rows", "nll_rows"):
+        del old["cells"]["shortgpt/k4"][key]
+    text = "\n".join(qc.quality_table(old["cells"], [("k4", "k=4")], rows, old["heldout"][0]))
+    assert "- k=4: per-row losses not recorded for both sides" in text
+
+
 def test_adopt_data_sets_aside_cells_of_other_data(tmp_path):
     data = qc.TextData(tmp_path / "text-mix", "text-mix = mix", "ab" * 32)
     sets = _sets()
@@ -219,4 +272,5 @@ def test_adopt_data_sets_aside_cells_of_other_data(tmp_path):
     assert kept["cells"] == _results()["cells"]  # the same data: every cell stays
     sets[1].tokens = sets[1].tokens.flip(0)  # the second corpus changed: only its metrics go
     changed = qc.adopt_data(json.loads(out.read_text()), out, data, sets, None, {"cells": {}})
-    assert changed["cells"]["evopress/k4"] == {"perplexity": 20.0, "kl": 0.5}
+    assert not [k for k in changed["cells"]["evopress/k4"] if k.startswith("shakespeare")]
+    assert changed["cells"]["evopress/k4"]["perplexity"] == 20.0

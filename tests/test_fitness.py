@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from evopress.adapter import ModelAdapter
-from evopress.fitness import DenseReference, mean_kl, perplexity, perplexity_and_kl
+from evopress.fitness import DenseReference, mean_kl, perplexity, perplexity_and_kl, row_losses
 
 
 def _perturbed(model, scale=0.05, seed=3):
@@ -74,6 +74,22 @@ def test_one_pass_evaluation_equals_the_two_separate_ones(llama, tokens, topk):
     assert kl > 1e-6  # the perturbation is visible
     assert ppl == pytest.approx(perplexity(adapter, tokens, batch_size=3), rel=1e-6)
     assert kl == pytest.approx(mean_kl(adapter, tokens, ref, batch_size=3), rel=1e-6)
+
+
+def test_row_losses_are_each_rows_own_loss(llama, tokens):
+    """Per-row sums (for paired comparisons) equal each row measured alone, whatever the batching."""
+    ref = DenseReference.build(ModelAdapter(llama), tokens, topk=16)
+    adapter = ModelAdapter(_perturbed(llama))
+    losses = row_losses(adapter, tokens, ref, batch_size=3)
+    seq_len = tokens.shape[1]
+    for i in range(len(tokens)):
+        alone = DenseReference.build(ModelAdapter(llama), tokens[i : i + 1], topk=16)
+        ppl, kl = perplexity_and_kl(adapter, tokens[i : i + 1], alone)
+        assert losses.nll[i].item() == pytest.approx(
+            torch.log(torch.tensor(ppl)).item() * (seq_len - 1), rel=1e-5
+        )
+        assert losses.kl[i].item() == pytest.approx(kl * seq_len, rel=1e-5)
+    assert len({round(v, 6) for v in losses.kl.tolist()}) == len(tokens)  # rows differ: not one mean repeated
 
 
 def test_token_kl_is_per_token_and_matches_the_definition():
