@@ -42,8 +42,8 @@ def paired_gap(a: list[float], b: list[float], draws: int = DRAWS, seed: int = 0
 
 
 def _best(cells: dict, names: list[str], key: str, p: str) -> str | None:
-    """The row of `names` with the lowest perplexity at level `key` that recorded per-row losses."""
-    have = [n for n in names if f"{p}kl_rows" in cells.get(f"{n}/{key}", {})]
+    """The row of `names` with the lowest perplexity at level `key` (None: no row measured there)."""
+    have = [n for n in names if f"{p}perplexity" in cells.get(f"{n}/{key}", {})]
     return min(have, key=lambda n: cells[f"{n}/{key}"][f"{p}perplexity"], default=None)
 
 
@@ -51,8 +51,10 @@ def gap_line(cells: dict, key: str, label: str, evopress: list[str], baselines: 
     """'<level>: <evopress row> vs <best baseline>: KL ... , perplexity ...' or why it cannot be said."""
     ours, theirs = _best(cells, evopress, key, p), _best(cells, baselines, key, p)
     if ours is None or theirs is None:
-        return f"- {label}: per-row losses not recorded for both sides (measured before they were kept)"
+        return f"- {label}: not measured on both sides"
     a, b = cells[f"{ours}/{key}"], cells[f"{theirs}/{key}"]
+    if f"{p}kl_rows" not in a or f"{p}kl_rows" not in b:
+        return f"- {label}: {ours} vs {theirs}: per-row losses not recorded (measured before they were kept)"
     seq_len = round(a[f"{p}heldout_tokens"] / len(a[f"{p}kl_rows"]))
     kl = paired_gap([v / seq_len for v in a[f"{p}kl_rows"]], [v / seq_len for v in b[f"{p}kl_rows"]])
     # per-row mean NLL differences: their mean is the log of the perplexity ratio (rows have equal length)

@@ -276,7 +276,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", default=str(OUT_JSON))
     ap.add_argument("--report-only", action="store_true", help="rewrite the markdown from the json and stop")
     ap.add_argument(
-        "--compare-inputs", default="", help="targets at which uniform SparseGPT also runs on pruned inputs"
+        "--compare-inputs",
+        default="all",
+        help="targets at which uniform SparseGPT also runs on pruned inputs (the uniform_seq row; 'all' = every "
+        "target, '' = none)",
     )
     ap.add_argument(
         "--db-inputs",
@@ -290,7 +293,8 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     args.owl_lambdas = tuple(float(x) for x in args.owl_lambdas.split(","))
     args.owl_ms = tuple(float(x) for x in args.owl_ms.split(","))
-    args.compare_inputs = {float(x) for x in args.compare_inputs.split(",") if x}
+    every = args.compare_inputs == "all"
+    args.compare_inputs = {float(x) for x in (args.targets if every else args.compare_inputs).split(",") if x}
     args.db_options = {"num_levels": args.num_levels, "n_samples": args.n_samples}
     tokens, initial_tokens = search_tokens(args.tokens, args.calibration_rows)
     args.config = SearchConfig(

@@ -253,8 +253,11 @@ def test_tables_say_whether_evopress_leads_by_more_than_the_noise():
     old = _results()
     for key in ("kl_rows", "nll_rows"):
         del old["cells"]["shortgpt/k4"][key]
+    old["cells"]["window/k4"] = _cell(25.0, 0.8, 40.0, 0.9)  # weaker, with per-row losses
+    rows.append(qc.Row("window", "window"))
     text = "\n".join(qc.quality_table(old["cells"], [("k4", "k=4")], rows, old["heldout"][0]))
-    assert "- k=4: per-row losses not recorded for both sides" in text
+    # the best other row lacks them: no gap is claimed against a weaker row that has them
+    assert "- k=4: evopress vs shortgpt: per-row losses not recorded" in text
 
 
 def test_adopt_data_sets_aside_cells_of_other_data(tmp_path):
