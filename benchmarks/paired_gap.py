@@ -47,7 +47,9 @@ def _best(cells: dict, names: list[str], key: str, p: str) -> str | None:
     return min(have, key=lambda n: cells[f"{n}/{key}"][f"{p}perplexity"], default=None)
 
 
-def gap_line(cells: dict, key: str, label: str, evopress: list[str], baselines: list[str], p: str) -> str:
+def gap_line(
+    cells: dict, key: str, label: str, evopress: list[str], baselines: list[str], p: str, seq_len: int
+) -> str:
     """'<level>: <evopress row> vs <best baseline>: KL ... , perplexity ...' or why it cannot be said."""
     ours, theirs = _best(cells, evopress, key, p), _best(cells, baselines, key, p)
     if ours is None or theirs is None:
@@ -55,7 +57,6 @@ def gap_line(cells: dict, key: str, label: str, evopress: list[str], baselines: 
     a, b = cells[f"{ours}/{key}"], cells[f"{theirs}/{key}"]
     if f"{p}kl_rows" not in a or f"{p}kl_rows" not in b:
         return f"- {label}: {ours} vs {theirs}: per-row losses not recorded (measured before they were kept)"
-    seq_len = round(a[f"{p}heldout_tokens"] / len(a[f"{p}kl_rows"]))
     kl = paired_gap([v / seq_len for v in a[f"{p}kl_rows"]], [v / seq_len for v in b[f"{p}kl_rows"]])
     # per-row mean NLL differences: their mean is the log of the perplexity ratio (rows have equal length)
     nll = paired_gap(
@@ -89,4 +90,5 @@ def gap_lines(cells: dict, levels: list[tuple[str, str]], rows: list, info: dict
         f"EvoPress minus the best other row, paired over the {info['rows']} held-out rows "
         f"(mean and {LEVEL:.0%} bootstrap interval; negative: EvoPress lower):"
     )
-    return [head, *(gap_line(cells, key, label, evopress, baselines, p) for key, label in levels)]
+    seq_len = info["seq_len"]
+    return [head, *(gap_line(cells, key, label, evopress, baselines, p, seq_len) for key, label in levels)]

@@ -286,13 +286,10 @@ def measure(adapter, sets: list[HeldoutSet]) -> dict:
         losses = row_losses(adapter, s.tokens, s.ref)
         p = _prefix(s.name)
         out.update({f"{p}perplexity": losses.perplexity(), f"{p}kl": losses.mean_kl()})
-        out.update({f"{p}heldout_tokens": s.tokens.numel(), **_per_row(p, losses)})
+        out[f"{p}heldout_tokens"] = s.tokens.numel()
+        # per-row sums: paired comparisons between cells (paired_gap.py)
+        out.update({f"{p}nll_rows": losses.nll.tolist(), f"{p}kl_rows": losses.kl.tolist()})
     return out
-
-
-def _per_row(p: str, losses) -> dict:
-    """Per-row sums for paired comparisons between cells (paired_gap.py)."""
-    return {f"{p}nll_rows": losses.nll.tolist(), f"{p}kl_rows": losses.kl.tolist()}
 
 
 def missing(cell: dict | None, sets: list[HeldoutSet]) -> bool:

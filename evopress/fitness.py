@@ -179,11 +179,12 @@ def row_losses(
             loss = torch.nn.functional.cross_entropy(
                 logits, targets[start:end], ignore_index=-100, reduction="none"
             )
-            nll.append(loss.double().cpu())
-            kl.append(_chunk_kl(logits, logp, index, start, end).double().cpu())
+            nll.append(loss.double())
+            kl.append(_chunk_kl(logits, logp, index, start, end).double())
             start = end
-        nll_rows.append(torch.cat(nll).reshape(batch.shape).sum(1))
-        kl_rows.append(torch.cat(kl).reshape(batch.shape).sum(1))
+        # summed per row where the logits are, moved to host memory once per batch
+        nll_rows.append(torch.cat(nll).reshape(batch.shape).sum(1).cpu())
+        kl_rows.append(torch.cat(kl).reshape(batch.shape).sum(1).cpu())
     return RowLosses(torch.cat(nll_rows), torch.cat(kl_rows), tokens.shape[1])
 
 
